@@ -1,0 +1,5 @@
+import sys
+
+from velocis.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""`velocis` command line: thin argument parsing over the library.
+
+Each command group lives in `velocis.commands.<name>` and exposes
+`register(subparsers)`, which adds its sub-parser(s) and sets `func` to call with the
+parsed arguments. User errors (VelocisError) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from velocis.errors import VelocisError
+
+# Command modules, in the order they appear in `velocis --help`.
+COMMAND_MODULES = [
+    "demo",
+    "tokenizer",
+    "data",
+    "train",
+    "generate",
+    "params",
+    "convert",
+    "export",
+    "plot",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="velocis", description="Velocis: train, align and run LLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"velocis.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"velocis.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except VelocisError as e:
+        print(f"velocis {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

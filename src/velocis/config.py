@@ -1,0 +1,223 @@
+"""ModelConfig: one JSON-serialisable dataclass describes every Velocis model.
+
+A block is a token *mixer* plus a *feed-forward*, chosen per layer:
+  mixer:        "attention" (MHA/GQA/MQA by num_kv_heads) | "mla" (later: "mamba", "linear")
+  feed_forward: "mlp" (SwiGLU) | "moe" (sparse mixture of experts)
+`layer_mixers` / `layer_feed_forwards` give the per-layer choice; when None, every layer uses
+`mixer`, and the feed-forward is "moe" when num_experts > 0 (except the first
+`first_dense_layers`), else "mlp".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from velocis.errors import VelocisError
+
+MIXERS = ("attention", "mla")
+FEED_FORWARDS = ("mlp", "moe")
+
+
+@dataclass
+class ModelConfig:
+    # --- shape ---
+    vocab_size: int = 8192
+    hidden_dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None -> num_heads (MHA); 1 -> MQA
+    head_dim: int | None = None  # None -> hidden_dim // num_heads
+    mlp_dim: int = 688
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2-style bias on q/k/v projections
+    init_std: float = 0.02
+
+    # --- rotary position embedding ---
+    rope_theta: float = 10000.0
+    # None, or {"type": "linear"|"ntk"|"dynamic"|"yarn", "factor": float,
+    #           "original_max_seq_len": int, plus yarn's beta_fast/beta_slow/mscale/mscale_all_dim}
+    rope_scaling: dict[str, Any] | None = None
+
+    # --- per-layer choice of parts ---
+    mixer: str = "attention"
+    layer_mixers: list[str] | None = None
+    layer_feed_forwards: list[str] | None = None
+
+    # --- sparse mixture of experts (feed_forward == "moe") ---
+    num_experts: int = 0  # routed experts; 0 = dense model
+    num_experts_per_token: int = 2  # top-k
+    num_shared_experts: int = 0
+    moe_dim: int | None = None  # expert hidden size; None -> mlp_dim
+    first_dense_layers: int = 0  # the first k layers use a dense MLP
+    router_score: str = "softmax"  # "softmax" | "sigmoid"
+    router_norm_topk: bool = True  # renormalise the top-k weights to sum to 1
+    num_expert_groups: int = 1  # group-limited routing (DeepSeek-V3 n_group)
+    topk_groups: int = 1  # groups kept per token (DeepSeek-V3 topk_group)
+    routed_scaling_factor: float = 1.0
+    balance: str = "aux_loss"  # "aux_loss" | "aux_free" | "none"
+    aux_loss_coef: float = 0.01
+    bias_update_rate: float = 1e-3  # aux-loss-free per-expert bias step
+    capacity_factor: float | None = None  # None = dropless
+
+    # --- multi-head latent attention (mixer == "mla") ---
+    q_lora_rank: int | None = None  # None = full-rank query projection
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    # --- multi-token prediction ---
+    mtp_depth: int = 0  # D sequential MTP modules
+    mtp_loss_weight: float = 0.3
+
+    # --- DeepSeek sparse attention (V3.2 lightning indexer) ---
+    index_num_heads: int = 0  # 0 = dense attention
+    index_head_dim: int = 128
+    index_topk: int = 2048
+
+    # --- special tokens (filled from the tokenizer) ---
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    # ------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None and self.num_heads > 0:
+            self.head_dim = self.hidden_dim // self.num_heads
+        if self.moe_dim is None:
+            self.moe_dim = self.mlp_dim
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise VelocisError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        # An explicit head_dim (as in Qwen3) may make q/k/v narrower or wider than hidden_dim.
+        if self.hidden_dim % self.num_heads != 0 and self.head_dim == self.hidden_dim // self.num_heads:
+            bad(
+                f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}; "
+                f"choose a hidden_dim that is a multiple of num_heads (or set head_dim explicitly)"
+            )
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads != 0:
+            bad(
+                f"num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads} "
+                f"(use num_kv_heads = num_heads for MHA, 1 for MQA, or a divisor for GQA)"
+            )
+        for i, m in enumerate(self.mixers()):
+            if m not in MIXERS:
+                bad(f"layer {i} mixer {m!r} is unknown; choose one of {', '.join(MIXERS)}")
+        for i, f in enumerate(self.feed_forwards()):
+            if f not in FEED_FORWARDS:
+                bad(f"layer {i} feed_forward {f!r} is unknown; choose one of {', '.join(FEED_FORWARDS)}")
+        if self.num_experts > 0:
+            if not 0 < self.num_experts_per_token <= self.num_experts:
+                bad(f"num_experts_per_token {self.num_experts_per_token} must be in 1..num_experts ({self.num_experts})")
+            if self.num_experts % self.num_expert_groups != 0:
+                bad(f"num_experts {self.num_experts} must be divisible by num_expert_groups {self.num_expert_groups}")
+            if not 0 < self.topk_groups <= self.num_expert_groups:
+                bad(f"topk_groups {self.topk_groups} must be in 1..num_expert_groups ({self.num_expert_groups})")
+            if self.router_score not in ("softmax", "sigmoid"):
+                bad(f"router_score {self.router_score!r} must be 'softmax' or 'sigmoid'")
+            if self.balance not in ("aux_loss", "aux_free", "none"):
+                bad(f"balance {self.balance!r} must be 'aux_loss', 'aux_free' or 'none'")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type")
+            if kind not in ("linear", "ntk", "dynamic", "yarn"):
+                bad(f"rope_scaling type {kind!r} must be one of linear, ntk, dynamic, yarn")
+
+    # per-layer parts ----------------------------------------------------
+    def mixers(self) -> list[str]:
+        if self.layer_mixers is not None:
+            if len(self.layer_mixers) != self.num_layers:
+                raise VelocisError(
+                    f"invalid model config: layer_mixers has {len(self.layer_mixers)} entries but num_layers is {self.num_layers}"
+                )
+            return list(self.layer_mixers)
+        return [self.mixer] * self.num_layers
+
+    def feed_forwards(self) -> list[str]:
+        if self.layer_feed_forwards is not None:
+            if len(self.layer_feed_forwards) != self.num_layers:
+                raise VelocisError(
+                    f"invalid model config: layer_feed_forwards has {len(self.layer_feed_forwards)} entries "
+                    f"but num_layers is {self.num_layers}"
+                )
+            return list(self.layer_feed_forwards)
+        if self.num_experts > 0:
+            return ["mlp" if i < self.first_dense_layers else "moe" for i in range(self.num_layers)]
+        return ["mlp"] * self.num_layers
+
+    # serialisation --------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": "velocis", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d.pop("architecture", None)
+        d.pop("velocis_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise VelocisError(f"config has unknown fields {unknown}; is it a Velocis config.json?")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def save(self, path: str | Path) -> None:
+        from velocis.utils.atomic import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VelocisError(f"{path}: no config.json here; pass a Velocis model or checkpoint directory") from None
+        except json.JSONDecodeError as e:
+            raise VelocisError(f"{path}: not valid JSON ({e})") from None
+        if d.get("architecture") != "velocis":
+            kind = d.get("model_type") or d.get("architectures") or "unknown"
+            raise VelocisError(
+                f"{path}: this is not a Velocis config (model_type {kind}); "
+                f"import it with `velocis convert --from-hf DIR --output OUT`"
+            )
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------
+# Named presets. Each is a function so that a preset never shares mutable state.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~10M parameters: the demo / train-micro model, learns on 2 CPU cores in minutes.
+    "micro": dict(vocab_size=8192, hidden_dim=256, num_layers=6, num_heads=4, num_kv_heads=2,
+                  mlp_dim=704, max_seq_len=512, tie_embeddings=True),
+    # dense ~125M (GPT-2-small-like width); becomes the MoE `small` with issue 4.
+    "small": dict(vocab_size=32000, hidden_dim=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                  mlp_dim=2048, max_seq_len=2048, tie_embeddings=True),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise VelocisError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
