@@ -207,9 +207,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~10M parameters: the demo / train-micro model, learns on 2 CPU cores in minutes.
     "micro": dict(vocab_size=8192, hidden_dim=256, num_layers=6, num_heads=4, num_kv_heads=2,
                   mlp_dim=704, max_seq_len=512, tie_embeddings=True),
-    # dense ~125M (GPT-2-small-like width); becomes the MoE `small` with issue 4.
-    "small": dict(vocab_size=32000, hidden_dim=768, num_layers=12, num_heads=12, num_kv_heads=4,
-                  mlp_dim=2048, max_seq_len=2048, tie_embeddings=True),
+    # sparse MoE, ~125.0M total / ~48.3M activated per token (31.9M without the tied embedding):
+    # 8 layers x (GQA attention 0.79M + 8 SwiGLU experts of width 1040, top-2), 2K context.
+    # A dense model with the same activated parameters is this with num_experts=0, mlp_dim=2080.
+    "small": dict(vocab_size=32000, hidden_dim=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                  mlp_dim=2080, max_seq_len=2048, tie_embeddings=True,
+                  num_experts=8, num_experts_per_token=2, moe_dim=1040,
+                  router_score="softmax", balance="aux_loss", aux_loss_coef=0.01),
 }
 
 
