@@ -189,14 +189,9 @@ def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: t
     """x [M, in] (rows sorted by expert, counts[e] rows each) times w[e].T ([E, out, in]) -> [M, out]."""
     if offs is not None:
         return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)
-    outs = []
-    start = 0
-    for e, c in enumerate(counts):  # a loop over experts, on contiguous slices
-        if c:
-            outs.append(x[start : start + c] @ w[e].t())
-        start += c
-    if not outs:
-        return x.new_zeros(0, w.shape[1])
+    # a loop over experts on contiguous slices; split/unbind keep the backward O(size) (one cat /
+    # one stack) where per-expert slicing would allocate a full-size zero gradient per expert
+    outs = [xe @ we.t() for xe, we in zip(x.split(counts), w.unbind(0))]
     return torch.cat(outs, dim=0)
 
 

@@ -1,0 +1,154 @@
+"""MoE speed on CPU: (1) one MoE layer's forward+backward — Velocis sorted dispatch (grouped matmul,
+and its loop-over-experts fallback) against a naive masked per-expert loop and transformers'
+MixtralSparseMoeBlock; (2) training-step tokens/s of the `small` MoE preset against a dense model
+with the same activated parameters (num_experts=0, mlp_dim = top_k * moe_dim).
+
+    python benchmarks/bench_moe.py [--tokens 2048] [--seq-len 256] [--batch 2] [--steps 3] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from velocis.config import get_preset
+from velocis.models.moe import MoE, naive_moe_experts, route
+
+
+def timeit(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_layer(tokens: int, reps: int, **overrides) -> list[tuple[str, float]]:
+    cfg = get_preset("small", **overrides)
+    torch.manual_seed(0)
+    layer = MoE(cfg, 0).train()
+    x = torch.randn(tokens, cfg.hidden_dim, requires_grad=True)
+    g = torch.randn(tokens, cfg.hidden_dim)
+
+    def velocis(impl):
+        def run():
+            layer.impl = impl
+            layer.zero_grad(set_to_none=True)
+            out = layer(x)
+            out.backward(g)
+        return run
+
+    def naive():
+        layer.zero_grad(set_to_none=True)
+        h = x
+        _, w, idx = route(layer.gate(h), layer.top_k)
+        out = naive_moe_experts(h, w, idx, layer.experts.gate_up_proj, layer.experts.down_proj)
+        out.backward(g)
+
+    rows = [
+        ("velocis dispatch (auto: grouped_mm)", timeit(velocis("auto"), 1, reps)),
+        ("velocis dispatch (loop over experts)", timeit(velocis("loop"), 1, reps)),
+        ("naive masked per-expert loop", timeit(naive, 1, reps)),
+    ]
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        hf = MixtralSparseMoeBlock(MixtralConfig(hidden_size=cfg.hidden_dim, intermediate_size=cfg.moe_dim,
+                                                 num_local_experts=cfg.num_experts,
+                                                 num_experts_per_tok=cfg.num_experts_per_token)).train()
+        hf.load_state_dict({k: v for k, v in layer.state_dict().items() if "correction_bias" not in k})
+        x3 = x.detach().view(1, tokens, -1).requires_grad_()
+
+        def hf_run():
+            hf.zero_grad(set_to_none=True)
+            hf(x3).backward(g.view(1, tokens, -1))
+        rows.append(("transformers MixtralSparseMoeBlock", timeit(hf_run, 1, reps)))
+    except Exception as e:  # transformers missing or changed
+        print(f"(transformers Mixtral block skipped: {e})")
+    return rows
+
+
+def bench_train(seq_len: int, batch: int, steps: int) -> list[tuple[str, float, int, int]]:
+    try:
+        from velocis.models import VelocisModel
+    except ImportError as e:
+        print(f"(training-step benchmark skipped: {e})")
+        return []
+    moe_cfg = get_preset("small", max_seq_len=max(seq_len, 2048))
+    dense_cfg = moe_cfg.replace(num_experts=0, mlp_dim=moe_cfg.num_experts_per_token * moe_cfg.moe_dim)
+    rows = []
+    for name, cfg in (("MoE small (8 experts, top-2)", moe_cfg), ("dense, same activated params", dense_cfg)):
+        torch.manual_seed(0)
+        model = VelocisModel(cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+        y = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+
+        def step():
+            loss, _ = model.compute_loss(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if hasattr(model, "update_expert_bias"):
+                model.update_expert_bias()
+        t = timeit(step, 1, steps)
+        total = sum(p.numel() for p in model.parameters())
+        active = total
+        if cfg.num_experts:
+            per_expert = 3 * cfg.hidden_dim * cfg.moe_dim
+            n_moe = cfg.feed_forwards().count("moe")
+            active = total - n_moe * (cfg.num_experts - cfg.num_experts_per_token) * per_expert
+        rows.append((name, batch * seq_len / t, total, active))
+        del model, opt
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens through the single MoE layer")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--skip-train", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    layers = [
+        ("`small` experts", {}),
+        ("fine-grained, same total/active", dict(num_experts=64, num_experts_per_token=16, moe_dim=130)),
+    ]
+    for title, over in layers:
+        cfg = get_preset("small", **over)
+        print(f"\n## one MoE layer fwd+bwd, {title}: {args.tokens} tokens, H={cfg.hidden_dim}, I={cfg.moe_dim}, "
+              f"E={cfg.num_experts}, top-{cfg.num_experts_per_token} (median of {args.reps})")
+        rows = bench_layer(args.tokens, args.reps, **over)
+        base = rows[0][1]
+        print(f"| {'implementation':<40} | {'ms':>8} | {'vs velocis':>10} |")
+        print(f"|{'-' * 42}|{'-' * 10}|{'-' * 12}|")
+        for name, t in rows:
+            print(f"| {name:<40} | {t * 1e3:8.1f} | {t / base:9.2f}x |")
+    if not args.skip_train:
+        print(f"\n## training step (fwd+bwd+AdamW), batch {args.batch} x {args.seq_len} tokens, median of {args.steps}")
+        trows = bench_train(args.seq_len, args.batch, args.steps)
+        if trows:
+            base = trows[0][1]
+            print(f"| {'model':<32} | {'total':>8} | {'active':>8} | {'tokens/s':>9} | {'ratio':>6} |")
+            print(f"|{'-' * 34}|{'-' * 10}|{'-' * 10}|{'-' * 11}|{'-' * 8}|")
+            for name, tps, total, active in trows:
+                print(f"| {name:<32} | {total / 1e6:7.1f}M | {active / 1e6:7.1f}M | {tps:9.0f} | {tps / base:6.2f} |")
+
+
+if __name__ == "__main__":
+    main()
