@@ -1,0 +1,156 @@
+"""Checkpoints: `RUN/checkpoints/step_N/` = model.safetensors + config.json + tokenizer files
++ trainer_state.pt (optimizer, step, RNG states, data position, best val).
+
+Every checkpoint directory is built aside and renamed into place (atomic_path), so a run
+killed mid-save leaves the previous checkpoints intact. We keep the last K, plus `RUN/best/`
+(the lowest validation loss so far), plus the latest model at the run dir root so that
+`velocis generate --model RUN` works.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from velocis.config import ModelConfig
+from velocis.errors import VelocisError
+from velocis.utils.atomic import atomic_path
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# --- RNG ---------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- writing -------------------------------------------------------------------------------
+def _write_model(model, tokenizer, out_dir: Path) -> None:
+    from velocis.model_io import save_model
+
+    save_model(model, tokenizer, out_dir)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any]) -> Path:
+    """Write checkpoints/step_N atomically; returns its path."""
+    target = Path(run_dir) / "checkpoints" / f"step_{step}"
+    with atomic_path(target) as tmp:
+        _write_model(model, tokenizer, tmp)
+        torch.save(trainer_state, tmp / STATE_FILE)
+    return target
+
+
+def save_best(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> None:
+    """RUN/best/: the model with the lowest validation loss so far (no optimizer state)."""
+    import json
+
+    with atomic_path(Path(run_dir) / "best") as tmp:
+        _write_model(model, tokenizer, tmp)
+        (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_root_model(run_dir: Path, model, tokenizer) -> None:
+    """The latest weights + config + tokenizer at the run dir root, file by file.
+
+    The run dir also holds metrics and checkpoints, so we cannot swap the whole directory:
+    build the model dir aside, then rename each file over its old copy (each rename is atomic).
+    """
+    run_dir = Path(run_dir)
+    with tempfile.TemporaryDirectory(prefix=".model.", dir=run_dir) as tmp:
+        out = Path(tmp) / "model"
+        _write_model(model, tokenizer, out)
+        for f in sorted(out.iterdir()):
+            if f.is_file():
+                os.replace(f, run_dir / f.name)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    found = []
+    for d in ck.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step_N dirs (best/ is a separate copy)."""
+    for _, d in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --- reading -------------------------------------------------------------------------------
+def find_checkpoint(path: str | Path) -> Path:
+    """A run dir (-> its newest checkpoint), a checkpoints/ dir, or a step_N dir itself."""
+    path = Path(path)
+    if not path.exists():
+        raise VelocisError(f"--resume {path}: no such directory")
+    if (path / STATE_FILE).is_file():
+        return path
+    base = path.parent if path.name == "checkpoints" else path
+    found = list_checkpoints(base)
+    if found:
+        return found[-1][1]
+    raise VelocisError(
+        f"--resume {path}: no checkpoint here (looked for checkpoints/step_N/{STATE_FILE}); "
+        f"train without --resume to start a new run"
+    )
+
+
+def check_compatible(ckpt: Path, config: ModelConfig) -> None:
+    """The checkpoint's model config must equal the one this run builds."""
+    saved = ModelConfig.load(ckpt / "config.json").to_dict()
+    want = config.to_dict()
+    diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {want.get(k)!r}" for k in diff[:6])
+        raise VelocisError(
+            f"--resume {ckpt}: the checkpoint is a different model ({detail}); "
+            f"resume with the same preset/shape flags, or start a new --output-dir"
+        )
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load model.safetensors into `model` in place (exactly; tied weights may be stored once)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt / "model.safetensors"), device="cpu")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in sd if k in params}
+    # A name missing from the file is fine only if it is tied to a loaded tensor.
+    missing = [k for k in missing if not (k in params and params[k].data_ptr() in loaded_ptrs)]
+    if missing or unexpected:
+        raise VelocisError(
+            f"{ckpt}: weights do not fit the model (missing {missing[:4]}, unexpected {list(unexpected)[:4]})"
+        )
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        # Our own file: it holds numpy RNG state and plain Python objects, so no weights_only.
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise VelocisError(f"{ckpt / STATE_FILE}: cannot read trainer state ({e}); resume from another checkpoint") from None
