@@ -1,0 +1,180 @@
+"""Training loop, CLI errors, schedules, checkpoints rotation, NaN detection, plots."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from velocis.cli import main
+from velocis.errors import VelocisError
+from velocis.train.schedule import lr_multiplier
+
+TINY = ["--hidden-dim", "64", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
+        "--mlp-dim", "128", "--max-seq-len", "64"]
+FAST = ["--batch-size", "4", "--seq-len", "32", "--device", "cpu", "--monitor", "plain", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from velocis.data import default_corpus, prepare_dataset
+    from velocis.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    zh, en = default_corpus.write_default_corpus(root / "corpus")
+    tok = Tokenizer.train([str(zh), str(en)], vocab_size=512, progress=False)
+    tok.save(root / "tok")
+    return Path(prepare_dataset([str(zh)], [str(en)], root / "tok", root / "data"))
+
+
+def cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+# --- a short run: everything a run dir should hold ----------------------------------------------
+def test_short_run_writes_run_dir(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train-custom", "--data", str(data_dir), "--output-dir", str(run), *TINY, *FAST, "--max-steps", "12",
+            "--eval-every", "4", "--save-every", "4", "--keep-last", "2", "--lr", "3e-3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "step 12/12" in out and "val bpb" in out
+    train = records(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+    evals = records(run, "eval")
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert all(r["val_bpb"] > 0 for r in evals)
+    # keep-last 2 plus best/, and the latest model at the root
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_12", "step_8"]
+    for d in (run / "checkpoints" / "step_12", run / "best", run):
+        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+        assert (d / "tokenizer.json").is_file()
+    assert (run / "checkpoints" / "step_12" / "trainer_state.pt").is_file()
+    assert json.loads((run / "best" / "best.json").read_text())["val_loss"] == min(r["val_loss"] for r in evals)
+    assert (run / "curves.png").stat().st_size > 1000
+    # the root is a loadable model dir
+    import velocis
+
+    model, tok = velocis.load(run)
+    assert model.config.hidden_dim == 64
+
+    # a second run into the same dir without --resume/--overwrite is refused
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resuming a finished run with a bigger budget continues from step 12
+    assert main(argv[:-8] + ["--max-steps", "14", "--eval-every", "4", "--save-every", "4", "--resume"]) == 0
+    assert [r["step"] for r in records(run, "train")] == list(range(1, 15))
+    capsys.readouterr()
+
+    # resuming with a different shape is refused with the differing field named
+    bad = [a if a != "64" else "32" for a in argv[:9]] + argv[9:] + ["--resume"]
+    err = cli_error(capsys, bad)
+    assert "different model" in err and "hidden_dim" in err
+
+
+def test_plot_command(data_dir, tmp_path, capsys):
+    run = tmp_path / "p"
+    assert main(["train-custom", "--data", str(data_dir), "--output-dir", str(run), *TINY, *FAST,
+                 "--max-steps", "3", "--eval-every", "2", "--no-plot"]) == 0
+    assert not (run / "curves.png").exists()
+    assert main(["plot", str(run), "-o", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert "no metrics.jsonl" in cli_error(capsys, ["plot", str(tmp_path)])
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def test_unknown_preset(capsys, tmp_path):
+    err = cli_error(capsys, ["train", "--preset", "giant", "--data", str(tmp_path)])
+    assert "unknown preset 'giant'" in err and "micro" in err
+
+
+def test_missing_data_paths(capsys, tmp_path):
+    err = cli_error(capsys, ["train-micro", "--chinese-path", str(tmp_path / "nope.txt"), "--output-dir", str(tmp_path)])
+    assert "nope.txt" in err and "no such file" in err
+    err = cli_error(capsys, ["train-micro", "--data", str(tmp_path / "nodata"), "--output-dir", str(tmp_path)])
+    assert "not a prepared data directory" in err
+    err = cli_error(capsys, ["train-micro", "--output-dir", str(tmp_path)])
+    assert "--chinese-path" in err
+
+
+def test_seq_len_longer_than_context(data_dir, capsys, tmp_path):
+    err = cli_error(capsys, ["train-custom", "--data", str(data_dir), "--output-dir", str(tmp_path), *TINY,
+                             "--seq-len", "128", "--max-steps", "1"])
+    assert "--seq-len 128" in err and "context (64" in err
+
+
+def test_resume_without_checkpoint(data_dir, capsys, tmp_path):
+    err = cli_error(capsys, ["train-custom", "--data", str(data_dir), "--output-dir", str(tmp_path / "r"), *TINY,
+                             *FAST, "--max-steps", "1", "--resume", str(tmp_path)])
+    assert "no checkpoint" in err
+
+
+def test_nan_stops_naming_the_step(data_dir, tmp_path):
+    from velocis.config import get_preset
+    from velocis.tokenizer import Tokenizer
+    from velocis.train import NextTokenObjective, TrainConfig, TrainingDiverged, train
+
+    class NaNAtStep3(NextTokenObjective):
+        calls = 0
+
+        def __call__(self, model, batch):
+            loss, stats = super().__call__(model, batch)
+            self.calls += 1
+            return (loss * float("nan") if self.calls == 3 else loss), stats
+
+    tok = Tokenizer.load(data_dir)
+    mc = get_preset("micro", vocab_size=tok.vocab_size, hidden_dim=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    mlp_dim=64, max_seq_len=32)
+    cfg = TrainConfig(output_dir=str(tmp_path / "nan"), data_dir=str(data_dir), max_steps=10, batch_size=2,
+                      seq_len=16, device="cpu", monitor="none", plot=False, save_every=2, eval_every=100)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: loss is nan.*step_2"):
+        train(cfg, mc, objective=NaNAtStep3())
+
+
+# --- pieces --------------------------------------------------------------------------------------
+def test_schedules():
+    cos = [lr_multiplier(s, s / 100, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1) for s in range(101)]
+    assert cos[0] == pytest.approx(0.1 * (0.5 * (1 + math.cos(0)))) and max(cos) == pytest.approx(cos[10], rel=1e-2)
+    assert cos[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cos[10:], cos[11:]))
+    wsd = [lr_multiplier(s, s / 100, schedule="wsd", warmup_steps=0, min_lr_ratio=0.0, decay_fraction=0.2)
+           for s in range(101)]
+    assert wsd[10] == wsd[80] == 1.0 and wsd[90] == pytest.approx(0.5) and wsd[100] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(VelocisError):
+        lr_multiplier(0, 0.0, schedule="linear")
+
+
+def test_monitor_chart_and_plain(capsys):
+    import io
+
+    from velocis.train.monitor import LiveMonitor, PlainMonitor, chart, fmt_value
+
+    rows = chart([5.0 - 0.01 * i for i in range(300)], width=40, height=4)
+    assert len(rows) == 4 and all(len(r) == len(rows[0]) for r in rows)
+    assert float(rows[0].split("│")[0]) > 4.9 and float(rows[-1].split("│")[0]) < 2.1  # y range labels
+    assert rows[-1].split("│")[1][0] == "█" and rows[0].split("│")[1][-1] == " "  # falling curve
+    assert fmt_value([1, 5, 9]).endswith("█") and fmt_value(0.123456) == "0.1235"
+    buf = io.StringIO()
+    m = PlainMonitor("t", 100, log_every=10, stream=buf)
+    rec = dict(step=10, loss=3.0, lr=1e-3, grad_norm=0.5, tokens=100, tokens_per_s=1234.0, elapsed_s=3.0,
+               eta_s=65, memory="RSS 1 MiB", stats={"aux_loss": 0.01, "expert_load": [[1, 2], [3, 4]]})
+    m.train(rec)
+    line = buf.getvalue()
+    assert "step 10/100" in line and "1.2k tok/s" in line and "aux_loss 0.01" in line and "eta 1m05s" in line
+    live = LiveMonitor("t", 100)  # renders generic stats (MoE expert load per layer) without a terminal
+    live.train(rec)
+    live.eval({"step": 10, "val_loss": 2.0, "val_bpb": 1.5})
+    from rich.console import Console
+
+    con = Console(file=io.StringIO(), width=100)
+    con.print(live._render())
+    text = con.file.getvalue()
+    assert "expert_load[1]" in text and "1.5000" in text
