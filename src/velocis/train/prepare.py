@@ -2,6 +2,7 @@
 into RUN/data. The result is cached: a re-run (or --resume) with the same inputs reuses it."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,7 +27,15 @@ def _expand(paths: list[str], flag: str) -> list[Path]:
 
 
 def _fingerprint(files: list[Path]) -> list[list]:
-    return [[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+    # Content, not mtime: rewriting the same text (as the demo does) keeps the cache valid.
+    out = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out.append([str(f.resolve()), h.hexdigest()])
+    return out
 
 
 def prepare_run_data(
