@@ -35,12 +35,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2-style bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3-style RMSNorm on each head's q and k (before RoPE)
     init_std: float = 0.02
 
     # --- rotary position embedding ---
     rope_theta: float = 10000.0
-    # None, or {"type": "linear"|"ntk"|"dynamic"|"yarn", "factor": float,
-    #           "original_max_seq_len": int, plus yarn's beta_fast/beta_slow/mscale/mscale_all_dim}
+    # None, or {"type": "linear"|"ntk"|"dynamic"|"yarn"|"llama3", "factor": float,
+    #           "original_max_seq_len": int (dynamic/yarn/llama3), plus yarn's beta_fast/beta_slow/
+    #           mscale/mscale_all_dim/attention_factor/truncate, llama3's low/high_freq_factor}
     rope_scaling: dict[str, Any] | None = None
 
     # --- per-layer choice of parts ---
@@ -132,8 +134,12 @@ class ModelConfig:
                 bad(f"balance {self.balance!r} must be 'aux_loss', 'aux_free' or 'none'")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
-            if kind not in ("linear", "ntk", "dynamic", "yarn"):
-                bad(f"rope_scaling type {kind!r} must be one of linear, ntk, dynamic, yarn")
+            if kind not in ("linear", "ntk", "dynamic", "yarn", "llama3"):
+                bad(f"rope_scaling type {kind!r} must be one of linear, ntk, dynamic, yarn, llama3")
+            if not isinstance(self.rope_scaling.get("factor"), (int, float)) or self.rope_scaling["factor"] <= 0:
+                bad(f"rope_scaling needs a positive 'factor', got {self.rope_scaling.get('factor')!r}")
+            if kind in ("dynamic", "yarn", "llama3") and not self.rope_scaling.get("original_max_seq_len"):
+                bad(f"rope_scaling type {kind!r} needs 'original_max_seq_len' (the pretraining context)")
 
     # per-layer parts ----------------------------------------------------
     def mixers(self) -> list[str]:

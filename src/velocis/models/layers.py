@@ -1,0 +1,48 @@
+"""Small shared layers: RMSNorm and the SwiGLU MLP (FEED_FORWARDS["mlp"])."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from velocis.models.registry import register_feed_forward
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 like Llama (so bf16 models match HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@register_feed_forward("mlp")
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Names match HF LlamaMLP."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        h, i = config.hidden_dim, config.mlp_dim
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+        self.reset_parameters(config.init_std, config.num_layers)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, num_layers: int = 1) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        # residual-branch output: scaled so the residual stream's variance does not grow with depth
+        nn.init.normal_(self.down_proj.weight, std=std / math.sqrt(2 * num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
