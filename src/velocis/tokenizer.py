@@ -1,0 +1,205 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) for Chinese and English text.
+
+Every string round-trips exactly: no normalizer, no prefix space, a byte-level alphabet of
+all 256 bytes, and a byte-level decoder (HF's "cleanup of tokenization spaces" is turned off
+in tokenizer_config.json). Pre-tokenization follows the GPT-4 / Llama-3 / Qwen2 regex with two
+changes: digits are split one by one (arithmetic learns better), and runs of Han characters are
+kept apart from Latin letters so that "用Python编程" becomes 用 / Python / 编程.
+
+    tok = Tokenizer.train(["zh.txt", "en.txt"], vocab_size=8192)
+    tok.save("tok/")                       # tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    tok = Tokenizer.load("tok/")           # also loads Hugging Face Llama / Qwen tokenizer.json files
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from velocis.errors import VelocisError
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
+
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # English contractions
+    r"|[^\r\n\p{L}\p{N}]?(?:\p{Han}+|[\p{L}&&[^\p{Han}]]+)"  # a word (Han runs apart from other letters)
+    r"|\p{N}"  # one digit at a time
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"  # punctuation and symbols
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"  # newlines, then other whitespace
+)
+
+# Names other tokenizers use for the same roles, tried when loading a foreign tokenizer.json.
+_BOS_NAMES = [BOS, "<s>", "<bos>", "<|startoftext|>", "<｜begin▁of▁sentence｜>"]
+_EOS_NAMES = [EOS, "</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<｜end▁of▁sentence｜>", "<|eot_id|>"]
+_PAD_NAMES = [PAD, "<pad>", "<|finetune_right_pad_id|>", "<｜▁pad▁｜>"]
+
+
+def _build_empty():
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class Tokenizer:
+    """A thin wrapper around a `tokenizers.Tokenizer` with Velocis' special tokens."""
+
+    def __init__(self, hf_tokenizer, config: dict | None = None):
+        self._tok = hf_tokenizer
+        config = config or {}
+        self.bos_id = self._find(config.get("bos_token"), _BOS_NAMES)
+        self.eos_id = self._find(config.get("eos_token"), _EOS_NAMES)
+        self.pad_id = self._find(config.get("pad_token"), _PAD_NAMES)
+
+    def _find(self, configured, names: list[str]) -> int | None:
+        if isinstance(configured, dict):  # {"content": "<s>", ...} in tokenizer_config.json
+            configured = configured.get("content")
+        for name in ([configured] if configured else []) + names:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    # -- training ------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        files: Iterable[str | Path],
+        vocab_size: int,
+        min_frequency: int = 2,
+        progress: bool = True,
+        max_bytes_per_file: int | None = None,
+    ) -> "Tokenizer":
+        """Learn a byte-level BPE vocabulary from .txt / .jsonl / .parquet files (or dirs/globs)."""
+        from tokenizers import pre_tokenizers, trainers
+
+        from velocis.data.sources import expand_paths, iter_documents
+
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise VelocisError(
+                f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least "
+                f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            )
+        paths = expand_paths([str(f) for f in files], "--input")
+        if not paths:
+            raise VelocisError("no input files: pass --input FILE [FILE ...]")
+
+        def texts() -> Iterator[str]:
+            for path in paths:
+                seen = 0
+                for doc in iter_documents(path):
+                    yield doc
+                    seen += len(doc.encode("utf-8"))
+                    if max_bytes_per_file and seen >= max_bytes_per_file:
+                        break
+
+        tok = _build_empty()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
+            show_progress=progress,
+        )
+        tok.train_from_iterator(texts(), trainer=trainer)
+        return cls(tok)
+
+    # -- files ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise VelocisError(f"{path}: no tokenizer.json here; train one with `velocis tokenizer train`")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise VelocisError(f"{file}: not a valid tokenizer.json ({e})") from None
+        config = {}
+        config_file = file.parent / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                config = {}
+        return cls(hf, config)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write tokenizer.json + the two small files `transformers.AutoTokenizer` looks for."""
+        from velocis.utils.atomic import atomic_write_text
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "tokenizer.json", self._tok.to_str(pretty=True))
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        special = {k: self._tok.id_to_token(i) for k, i in names.items() if i is not None}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # would eat spaces before punctuation on decode
+            "model_max_length": 1_000_000_000,
+        }
+        if self.eos_id is not None and self._tok.token_to_id(END) is not None:
+            config["additional_special_tokens"] = [SYSTEM, USER, ASSISTANT, END]
+            special["additional_special_tokens"] = [SYSTEM, USER, ASSISTANT, END]
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        return out
+
+    # -- use -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return self._wrap(ids, add_bos, add_eos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        return [self._wrap(e.ids, add_bos, add_eos) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            if self.bos_id is None:
+                raise VelocisError("this tokenizer has no beginning-of-text token; encode without add_bos")
+            ids = [self.bos_id] + ids
+        if add_eos:
+            if self.eos_id is None:
+                raise VelocisError("this tokenizer has no end-of-text token; encode without add_eos")
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON: the same vocabulary, merges and settings give the same hash."""
+        return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
+
+    @property
+    def backend(self):
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._tok
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
