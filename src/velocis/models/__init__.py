@@ -26,6 +26,8 @@ Mixer (MIXERS["attention"], MIXERS["mla"], ...)::
         MLA may store its compressed latent + rope key instead). Usually an nn.Module of buffers.
     kv_cache_bytes_per_token(dtype_bytes=2) -> int      cache bytes per token for this layer
     reset_parameters(std, num_layers)                    called by the constructor (init)
+    init_buffers()    (only if it has non-persistent buffers that are not zeros, e.g. RoPE inv_freq):
+        rebuild them; loading builds models on the meta device and never runs the constructor's init.
 
 Feed-forward (FEED_FORWARDS["mlp"], FEED_FORWARDS["moe"], ...)::
 

@@ -88,6 +88,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.dynamic = bool(scaling) and scaling["type"] == "dynamic"
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute inv_freq in place (after building on the meta device and `to_empty`)."""
+        self.inv_freq.copy_(rope_inv_freq(self.dim, self.theta, self.scaling)[0])
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if self.dynamic:  # frequencies depend on the current length (as in HF, from a fresh state)

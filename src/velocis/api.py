@@ -1,0 +1,105 @@
+"""The Python face of Velocis: `velocis.load(dir)` and `velocis.generate(model, tokenizer, prompt)`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from velocis.errors import VelocisError
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VelocisError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on a GPU that supports it."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load(path: str | Path, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None):
+    """A Velocis model dir, a training run dir (latest model at its root) or a Hugging Face dir
+    -> (model, tokenizer). The tokenizer is None when the directory holds none."""
+    from velocis import model_io
+    from velocis.interop import hf
+
+    path = Path(path)
+    if not path.exists():
+        raise VelocisError(f"{path}: no such directory; pass a Velocis model, run or Hugging Face directory")
+    if path.is_file():
+        path = path.parent
+    dev = resolve_device(device)
+    dtype = dtype or default_dtype(dev)
+    if model_io.is_velocis_dir(path):
+        return model_io.load_model_dir(path, device=dev, dtype=dtype)
+    if not (path / "config.json").is_file():
+        if (path / "checkpoints").is_dir():
+            raise VelocisError(f"{path}: a run directory without a model at its root yet; "
+                               f"pass one of {path}/checkpoints/step_N")
+        raise VelocisError(f"{path}: no config.json; pass a Velocis model, run or Hugging Face directory")
+    return hf.load_hf(path, device=dev, dtype=dtype)
+
+
+def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = None, seed: int | None = None, add_bos: bool = True,
+             stop_at_eos: bool = True, stream: bool = False,
+             callback: Callable[[str], None] | None = None) -> str | Iterator[str]:
+    """Continue `prompt`; returns the generated text (without the prompt).
+
+    stream=True returns an iterator of text pieces as they are produced (UTF-8 safe);
+    callback(piece) is called for each piece either way.
+    """
+    pieces = _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
+                              stop_at_eos, callback)
+    return pieces if stream else "".join(pieces)
+
+
+def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
+                     stop_at_eos, callback) -> Iterator[str]:
+    from velocis.infer.generate import StreamDecoder, generate_ids
+
+    if tokenizer is None:
+        raise VelocisError("this model directory has no tokenizer (tokenizer.json); pass token ids or add one")
+    if isinstance(prompt, str):
+        bos = add_bos and getattr(tokenizer, "bos_id", None) is not None
+        ids = tokenizer.encode(prompt, add_bos=bos)
+    else:
+        ids = list(prompt)
+    if not ids:
+        bos = getattr(tokenizer, "bos_id", None)
+        if bos is None:
+            raise VelocisError("the prompt is empty and the tokenizer has no BOS token; give a prompt")
+        ids = [bos]
+    device = next(model.parameters()).device
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    stop = {eos} if (stop_at_eos and eos is not None) else set()
+    decoder = StreamDecoder(tokenizer)
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    for nxt in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k or None, top_p, gen, stop):
+        t = int(nxt[0])
+        if t in stop:
+            break
+        piece = decoder.push(t)
+        if piece:
+            if callback:
+                callback(piece)
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        if callback:
+            callback(rest)
+        yield rest

@@ -1,0 +1,1 @@
+"""Inference: sampling and KV-cached generation (generate.py)."""

@@ -1,0 +1,1 @@
+"""Interop with other formats: Hugging Face directories (hf.py)."""

@@ -1,0 +1,129 @@
+"""Model directories: `model.safetensors` + `config.json` (+ tokenizer files).
+
+    save_model(model, tokenizer, out_dir)     # atomic: a reader sees the old dir or the new one
+    model, tok = load_model_dir(dir)          # a Velocis dir or a training run dir (same layout)
+
+`velocis.load` (api.py) also accepts Hugging Face directories via velocis.interop.hf.
+A tied lm_head is stored once (as embed_tokens.weight).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from velocis.config import ModelConfig
+from velocis.errors import VelocisError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """state_dict without the duplicate tied head, contiguous, on CPU."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a Velocis model directory atomically (replacing any previous one)."""
+    from safetensors.torch import save_file
+
+    from velocis.utils.atomic import atomic_path
+
+    out_dir = Path(out_dir)
+    sd = model_state(model)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    cfg = model.config
+    if tokenizer is not None:  # the model's special ids follow its tokenizer
+        for name in ("bos", "eos", "pad"):
+            tid = getattr(tokenizer, f"{name}_id", None)
+            if tid is not None and getattr(cfg, f"{name}_token_id") is None:
+                cfg = cfg.replace(**{f"{name}_token_id": tid})
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(sd, tmp / WEIGHTS, metadata={"format": "pt", "velocis": "1"})
+        (tmp / CONFIG).write_text(cfg.to_json() + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return out_dir
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "", device="cpu",
+                dtype: torch.dtype | None = None):
+    """A VelocisModel with exactly `state`'s weights (missing/unexpected/mis-shaped tensors are errors)."""
+    from velocis.models import VelocisModel
+
+    with torch.device("meta"):  # no wasted random init: every tensor comes from `state`
+        model = VelocisModel(cfg)
+    expected = model.state_dict()
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise VelocisError(
+            f"{where}: weights do not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; is the checkpoint complete and "
+            f"from this architecture?")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise VelocisError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
+    model.to_empty(device=device)
+    model.load_state_dict(state, strict=False, assign=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    _reinit_buffers(model, device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _reinit_buffers(model, device) -> None:
+    """Non-persistent buffers (not in the file) are left uninitialised by to_empty: a module that has
+    them rebuilds them in `init_buffers()` (RoPE frequencies); others' are zeroed (counters)."""
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+            continue
+        for name, buf in m._buffers.items():
+            if buf is not None and name in m._non_persistent_buffers_set:
+                buf.zero_()
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer (velocis.tokenizer.Tokenizer), or None if it has none."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    try:
+        from velocis.tokenizer import Tokenizer
+    except ModuleNotFoundError:  # tokenizer module not installed in this build
+        return None
+    return Tokenizer.load(path)
+
+
+def is_velocis_dir(path: str | Path) -> bool:
+    f = Path(path) / CONFIG
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("architecture") == "velocis"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """Velocis model / run / checkpoint dir -> (model, tokenizer or None)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = ModelConfig.load(path / CONFIG)
+    if not (path / WEIGHTS).is_file():
+        raise VelocisError(f"{path}: has config.json but no {WEIGHTS}; was the save interrupted?")
+    model = build_model(cfg, load_file(path / WEIGHTS), where=str(path), device=device, dtype=dtype)
+    return model, load_tokenizer(path)

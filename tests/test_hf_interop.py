@@ -1,0 +1,125 @@
+"""Hugging Face parity: random HF models load into Velocis with the same logits, and Velocis
+exports load back into transformers with the same logits."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import velocis  # noqa: E402
+from velocis.cli import main  # noqa: E402
+from velocis.errors import VelocisError  # noqa: E402
+from velocis.interop.hf import export_hf  # noqa: E402
+
+SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=64)
+
+
+def _hf_model(kind, **kw):
+    cls_cfg, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    cfg = cls_cfg(**{**SHAPE, **kw})
+    model = cls_model(cfg).eval()
+    with torch.no_grad():  # HF zero-inits some parts (biases, norms = 1): randomise so they matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _max_diff(hf_model, vmodel, T=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, SHAPE["vocab_size"], (2, T), generator=g)
+    with torch.no_grad():
+        return (hf_model(x).logits - vmodel(x)).abs().max().item()
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False)),  # GQA, untied
+    ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # MQA, tied
+    ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
+    ("qwen3", dict(num_key_value_heads=2, head_dim=24)),  # explicit head_dim + q/k norm
+])
+def test_hf_import_logits_match(tmp_path, kind, kw):
+    hf_model = _hf_model(kind, **kw)
+    hf_model.save_pretrained(tmp_path / "hf")
+    vmodel, _ = velocis.load(tmp_path / "hf", device="cpu")
+    assert vmodel.config.num_kv_heads == kw["num_key_value_heads"]
+    assert _max_diff(hf_model, vmodel) < 1e-4
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="linear", factor=2.0),
+    dict(rope_type="dynamic", factor=2.0),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16, beta_slow=2,
+         mscale=1.0, mscale_all_dim=0.5),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=16),
+])
+def test_hf_rope_scaling_matches(tmp_path, rope):
+    # dynamic NTK extends past max_position_embeddings; the others' context is max_position_embeddings
+    mpe = 32 if rope["rope_type"] == "dynamic" else 64
+    hf_model = _hf_model("llama", num_key_value_heads=2, max_position_embeddings=mpe,
+                         rope_parameters={"rope_theta": 10000.0, **rope})
+    hf_model.save_pretrained(tmp_path / "hf")
+    vmodel, _ = velocis.load(tmp_path / "hf", device="cpu")
+    assert vmodel.config.rope_scaling["type"] == rope["rope_type"]
+    # 48 > 16 or 32: past the original context, where the scaling schemes differ from plain RoPE
+    assert _max_diff(hf_model, vmodel, T=48) < 1e-4
+    # and back out: HF loads the export with the same logits (same seq length as above)
+    export_hf(vmodel, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert _max_diff(back, vmodel, T=48) < 1e-4
+
+
+@pytest.mark.parametrize("qkv_bias, arch", [(False, "LlamaForCausalLM"), (True, "Qwen2ForCausalLM")])
+def test_export_loads_in_transformers(tmp_path, qkv_bias, arch):
+    from velocis.model_io import save_model
+    from velocis.models import VelocisModel
+
+    torch.manual_seed(0)
+    cfg = velocis.ModelConfig(vocab_size=96, hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                              mlp_dim=80, max_seq_len=64, tie_embeddings=not qkv_bias, qkv_bias=qkv_bias)
+    vmodel = VelocisModel(cfg).eval()
+    save_model(vmodel, None, tmp_path / "v")
+    assert main(["export", "--format", "hf", "--model", str(tmp_path / "v"), "--output", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [arch]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert _max_diff(hf_model, vmodel) < 1e-4
+
+
+def test_convert_cli_and_sharded_checkpoint(tmp_path):
+    hf_model = _hf_model("qwen2", num_key_value_heads=2)
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # several shards + index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "v")]) == 0
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert cfg["architecture"] == "velocis" and cfg["qkv_bias"] is True
+    vmodel, _ = velocis.load(tmp_path / "v", device="cpu")
+    assert _max_diff(hf_model, vmodel) < 1e-4
+
+
+def test_unknown_architecture_is_clear(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(VelocisError, match="GPT2LMHeadModel is not supported"):
+        velocis.load(tmp_path, device="cpu")
+    assert main(["convert", "--from-hf", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "GPT2LMHeadModel is not supported" in capsys.readouterr().err
+
+
+def test_mismatched_weights_are_clear(tmp_path):
+    hf_model = _hf_model("llama", num_key_value_heads=2)
+    hf_model.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3  # the config promises a layer the weights lack
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VelocisError, match="missing"):
+        velocis.load(tmp_path / "hf", device="cpu")
