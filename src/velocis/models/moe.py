@@ -185,7 +185,7 @@ def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offs: torch.Tensor | None) -> torch.Tensor:
+def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | None, offs: torch.Tensor | None) -> torch.Tensor:
     """x [M, in] (rows sorted by expert, counts[e] rows each) times w[e].T ([E, out, in]) -> [M, out]."""
     if offs is not None:
         return torch._grouped_mm(_ContiguousGrad.apply(x), w.transpose(-2, -1), offs=offs)
@@ -225,9 +225,9 @@ def dispatch(
         kept_counts_t = counts_t.clamp(max=capacity)
     else:
         kept_counts_t = counts_t
-    counts = kept_counts_t.tolist()
     use_grouped = impl == "grouped" or (impl == "auto" and _grouped_mm_available(x.device, x.dtype))
     offs = torch.cumsum(kept_counts_t, 0).to(torch.int32) if use_grouped else None
+    counts = None if use_grouped else kept_counts_t.tolist()  # the loop needs sizes on the host
     xs = x[token_of]
     h = _segment_matmul(xs, gate_up, counts, offs)
     g, u = h.chunk(2, dim=-1)
