@@ -305,10 +305,13 @@ def _remove_shards(out: Path, keys: list[str]) -> None:
 
 def _tokenize_all(files, out, tok, tokenizer_hash, dtype, val_fraction, num_workers, shard_mb, on_invalid_utf8,
                   progress, written) -> list[dict]:
+    from velocis.tokenizer import Tokenizer
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)  # the old index no longer describes what is being written
-    tok.save(out)  # the copy that travels with the data; the workers load it too
-    tokenizer_file = out / "tokenizer.json"
+    tokenizer_file = out / "tokenizer.json"  # the copy that travels with the data; the workers load it too
+    if not tokenizer_file.is_file() or Tokenizer.load(out).hash() != tok.hash():
+        tok.save(out)
 
     num_workers = num_workers or os.cpu_count() or 1
     show = sys.stderr.isatty() if progress is None else progress
