@@ -1,0 +1,120 @@
+"""Multi-token prediction (DeepSeek-V3): D sequential modules after the main model.
+
+With main-model output h_0 = norm(last block output) (the final-normed hidden state the head reads),
+module k = 1..D, at position i (0 <= i < T-k):
+
+    x     = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_{k-1}[i])])       (embedding first, as the checkpoints)
+    h_k   = norm_k(Block_k(x))                                       (one transformer block; shared_head.norm)
+    p_k   = softmax(lm_head(h_k))  predicts t_{i+k+1}
+
+The embedding and the output head are the main model's (shared); each module has its own
+enorm, hnorm, eh_proj, block and norm. Training adds
+``mtp_loss_weight * mean_k CE(p_k, t_{i+k+1})`` (VelocisModel.compute_loss logs it as "mtp_loss").
+This matches transformers' MtpModel / MtpLayer (use_post_norm) for DeepSeek-V3, and the HF checkpoint
+layout ``model.layers.{num_layers + k - 1}.{enorm, hnorm, eh_proj, shared_head.norm, self_attn, mlp, ...}``
+(see interop/hf_deepseek.py).
+
+Velocis names: ``mtp.layers.{k-1}.{enorm, hnorm, eh_proj, block.*, norm}``. The modules stay in the
+checkpoint so an inference engine can use them to draft tokens (self-speculative decoding) through
+``MTP.logits`` / ``MTP.draft``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from velocis.models.layers import RMSNorm
+
+
+class MTPLayer(nn.Module):
+    def __init__(self, config, depth: int):
+        super().__init__()
+        from velocis.models.decoder import Block  # lazy: decoder imports this module lazily too
+
+        h = config.hidden_dim
+        self.depth = depth  # 1-based
+        self.enorm = RMSNorm(h, config.norm_eps)
+        self.hnorm = RMSNorm(h, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        # the block has the parts of the main model's last layer (DeepSeek-V3: MLA + MoE)
+        self.block = Block(config, config.num_layers - 1)
+        for part in (self.block.mixer, self.block.feed_forward):
+            if hasattr(part, "layer_idx"):
+                part.layer_idx = config.num_layers + depth - 1
+        self.norm = RMSNorm(h, config.norm_eps)
+        nn.init.normal_(self.eh_proj.weight, std=config.init_std)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """h_prev [B, T, H] (normed previous depth), emb [B, T, H] embeddings of the tokens k ahead -> h_k (normed)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.norm(self.block(x, positions, cache))
+
+
+class MTP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(MTPLayer(config, k + 1) for k in range(config.mtp_depth))
+
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, model,
+                ignore_index: int = -100) -> torch.Tensor:
+        """Mean over depths of the MTP cross-entropy. h: last block output before the final norm [B, T, H];
+        targets[:, i] is the token after input_ids[:, i]."""
+        T = input_ids.shape[1]
+        h = model.norm(h)
+        losses = []
+        for k, layer in enumerate(self.layers, start=1):
+            if T - k <= 0:
+                break
+            positions = torch.arange(k, T, device=input_ids.device)
+            h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), positions)
+            logits = model.lm_head(h)
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets[:, k:].reshape(-1),
+                                          ignore_index=ignore_index))
+        if not losses:
+            return h.sum() * 0.0
+        return torch.stack(losses).mean()
+
+    def per_depth_logits(self, h: torch.Tensor, input_ids: torch.Tensor, model) -> list[torch.Tensor]:
+        """Full-sequence (no cache) logits of every depth: element k-1 is [B, T-k, vocab] and its
+        position i predicts token i+k+1. h: last block output before the final norm."""
+        T = input_ids.shape[1]
+        h, out = model.norm(h), []
+        for k, layer in enumerate(self.layers, start=1):
+            if T - k <= 0:
+                break
+            h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), torch.arange(k, T, device=h.device))
+            out.append(model.lm_head(h))
+        return out
+
+    # ------------------------------------------------------------------ drafting (inference)
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> list:
+        """One cache per depth (each MTP block attends over its own past)."""
+        return [layer.block.mixer.new_cache(batch_size, max_len, device, dtype) for layer in self.layers]
+
+    def logits(self, model, h_prev: torch.Tensor, tokens: torch.Tensor, depth: int = 1, positions=None,
+               cache=None, prev_normed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP depth on a chunk: h_prev [B, T, H] (the main model's last block output, or the
+        previous depth's output with prev_normed=True) at positions i, tokens [B, T] = t_{i+depth};
+        returns (logits [B, T, vocab] for t_{i+depth+1}, h_depth [B, T, H] (normed)).
+        ``positions`` are the token positions (i + depth); ``cache`` this depth's cache from new_cache."""
+        if not prev_normed:
+            h_prev = model.norm(h_prev)
+        if positions is None:
+            positions = torch.arange(depth, depth + tokens.shape[1], device=tokens.device)
+        h = self.layers[depth - 1](h_prev, model.embed_tokens(tokens), positions, cache)
+        return model.lm_head(h), h
+
+    @torch.no_grad()
+    def draft(self, model, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Greedy draft of D tokens without caches (a reference for the engine's cached drafting).
+        h: the main model's last block output [B, T, H] for ids[:, :T]; ids [B, T+1]: those tokens plus
+        the token the main model chose for position T. Returns [B, D]: drafts for positions T+1..T+D."""
+        T, seq, out = h.shape[1], ids, []
+        prev = model.norm(h)
+        for k in range(1, len(self.layers) + 1):
+            logits, prev = self.logits(model, prev, seq[:, k:k + T], depth=k, prev_normed=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            seq = torch.cat([seq, nxt], dim=1)
+        return torch.cat(out, dim=1)
