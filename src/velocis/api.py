@@ -51,19 +51,22 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: to
 def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = None, seed: int | None = None, add_bos: bool = True,
              stop_at_eos: bool = True, stream: bool = False,
-             callback: Callable[[str], None] | None = None) -> str | Iterator[str]:
+             callback: Callable[[str], None] | None = None, stats: dict | None = None) -> str | Iterator[str]:
     """Continue `prompt`; returns the generated text (without the prompt).
 
     stream=True returns an iterator of text pieces as they are produced (UTF-8 safe);
-    callback(piece) is called for each piece either way.
+    callback(piece) is called for each piece either way. `stats`, if given, receives
+    new_tokens, seconds and tokens_per_s.
     """
     pieces = _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
-                              stop_at_eos, callback)
+                              stop_at_eos, callback, stats if stats is not None else {})
     return pieces if stream else "".join(pieces)
 
 
 def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
-                     stop_at_eos, callback) -> Iterator[str]:
+                     stop_at_eos, callback, stats) -> Iterator[str]:
+    import time
+
     from velocis.infer.generate import StreamDecoder, generate_ids
 
     if tokenizer is None:
@@ -89,15 +92,20 @@ def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_
     stop = {eos} if (stop_at_eos and eos is not None) else set()
     decoder = StreamDecoder(tokenizer)
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    stats.update(prompt_tokens=len(ids), new_tokens=0)
+    t0 = time.perf_counter()
     for nxt in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k or None, top_p, gen, stop):
         t = int(nxt[0])
         if t in stop:
             break
+        stats["new_tokens"] += 1
         piece = decoder.push(t)
         if piece:
             if callback:
                 callback(piece)
             yield piece
+    stats["seconds"] = time.perf_counter() - t0
+    stats["tokens_per_s"] = stats["new_tokens"] / max(stats["seconds"], 1e-9)
     rest = decoder.flush()
     if rest:
         if callback:
