@@ -20,11 +20,11 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 ON_INVALID_UTF8 = ("error", "replace")
 
 
-def expand_paths(paths: list[str], flag: str) -> list[Path]:
+def expand_paths(paths: list[str | Path], flag: str) -> list[Path]:
     """Files named by `paths` (files, dirs, globs), in a stable order; errors name `flag`."""
     files: list[Path] = []
-    for raw in paths:
-        if any(c in raw for c in "*?["):
+    for raw in map(str, paths):
+        if any(c in raw for c in "*?[") and not Path(raw).exists():
             matches = sorted(Path(m) for m in glob.glob(raw, recursive=True))
             if not matches:
                 raise VelocisError(f"{flag} {raw}: the pattern matches no files")
