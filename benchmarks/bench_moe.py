@@ -127,7 +127,7 @@ def main() -> None:
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     layers = [
         ("`small` experts", {}),
-        ("fine-grained, same total/active", dict(num_experts=64, num_experts_per_token=16, moe_dim=130)),
+        ("fine-grained (64 x 128, top-16)", dict(num_experts=64, num_experts_per_token=16, moe_dim=128)),
     ]
     for title, over in layers:
         cfg = get_preset("small", **over)

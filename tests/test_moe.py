@@ -215,3 +215,13 @@ def test_aux_free_bias_update_and_stats():
     model.eval()
     model[0](x)
     assert model[0].load_accum.sum() == 0
+
+
+def test_unaligned_expert_width_falls_back_to_loop():
+    torch.manual_seed(0)
+    n, h, i, e = 16, 8, 5, 4  # 5 * 4 bytes is not a multiple of 16: grouped_mm cannot take it
+    x = torch.randn(n, h)
+    _, w, idx = route(torch.randn(n, e), 2)
+    gu, dn = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
+    out, _ = dispatch(x, w, idx, gu, dn)
+    assert torch.allclose(out, naive_moe_experts(x, w, idx, gu, dn), atol=1e-5)

@@ -95,3 +95,25 @@ def test_aux_free_or_deepseek_routing_is_not_exported_as_mixtral(tmp_path):
         m = VelocisModel(ModelConfig(**base, **extra))
         with pytest.raises(VelocisError):
             export_hf(m, None, tmp_path / "x")
+
+
+def test_fused_expert_layout_is_read_too():
+    from velocis.interop.hf_moe import experts_from_hf, experts_to_hf
+
+    e, h, i = 3, 8, 5
+    per_expert = {"p.gate.weight": torch.randn(e, h)}
+    for j in range(e):
+        for n, shape in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            per_expert[f"p.experts.{j}.{n}.weight"] = torch.randn(shape)
+    a = experts_from_hf(dict(per_expert), "p.", "mixtral", e)
+    fused = {"p.gate.weight": per_expert["p.gate.weight"], "p.experts.gate_up_proj": a["experts.gate_up_proj"],
+             "p.experts.down_proj": a["experts.down_proj"]}
+    b = experts_from_hf(fused, "p.", "mixtral", e)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["experts.gate_up_proj"][1, :i], per_expert["p.experts.1.w1.weight"])
+    assert torch.equal(a["experts.gate_up_proj"][1, i:], per_expert["p.experts.1.w3.weight"])
+    back = experts_to_hf(a, "p.", "mixtral")
+    assert set(back) == set(per_expert) and all(torch.equal(back[k], per_expert[k]) for k in back)
+    a["gate.e_score_correction_bias"] = torch.ones(e)
+    with pytest.raises(VelocisError):
+        experts_to_hf(a, "p.", "mixtral")

@@ -225,7 +225,9 @@ def dispatch(
         kept_counts_t = counts_t.clamp(max=capacity)
     else:
         kept_counts_t = counts_t
-    use_grouped = impl == "grouped" or (impl == "auto" and _grouped_mm_available(x.device, x.dtype))
+    # torch._grouped_mm needs 16-byte-aligned row strides: hidden and expert widths times the element size
+    aligned = all(d * x.element_size() % 16 == 0 for d in (x.shape[-1], down.shape[-1]))
+    use_grouped = impl == "grouped" or (impl == "auto" and aligned and _grouped_mm_available(x.device, x.dtype))
     offs = torch.cumsum(kept_counts_t, 0).to(torch.int32) if use_grouped else None
     counts = None if use_grouped else kept_counts_t.tolist()  # the loop needs sizes on the host
     xs = x[token_of]
