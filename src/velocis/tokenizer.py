@@ -170,7 +170,9 @@ class Tokenizer:
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
-        return [self._wrap(e.ids, add_bos, add_eos) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast skips computing character offsets, which we never use
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [self._wrap(e.ids, add_bos, add_eos) for e in encode(texts, add_special_tokens=False)]
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:

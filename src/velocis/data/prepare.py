@@ -43,6 +43,7 @@ from velocis.utils.atomic import atomic_path, atomic_write_text
 INDEX_FORMAT = "velocis-tokens/1"
 LANGUAGES = ("zh", "en")
 SPLITS = ("train", "val")
+ENCODE_BATCH = 256  # documents per tokenizer call inside a worker
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -82,12 +83,14 @@ def tokenize_shard(job: dict[str, Any]) -> dict[str, Any]:
     out, key = Path(job["out"]), job["key"]
     docs: list[str] = job["docs"]
     dtype = np.dtype(job["dtype"])
-    ids = tok.encode_batch(docs, add_eos=True)
-    parts: dict[str, list[tuple[list[int], int]]] = {s: [] for s in SPLITS}
-    for text, doc_ids in zip(docs, ids):
-        raw = text.encode("utf-8")
-        split = "val" if is_validation(raw, job["val_fraction"]) else "train"
-        parts[split].append((doc_ids, len(raw)))
+    parts: dict[str, list[tuple[np.ndarray, int]]] = {s: [] for s in SPLITS}
+    for i in range(0, len(docs), ENCODE_BATCH):
+        # small batches turned into arrays at once: Python lists of ints cost ~36 bytes a token
+        batch = docs[i : i + ENCODE_BATCH]
+        for text, doc_ids in zip(batch, tok.encode_batch(batch, add_eos=True)):
+            raw = text.encode("utf-8")
+            split = "val" if is_validation(raw, job["val_fraction"]) else "train"
+            parts[split].append((np.array(doc_ids, dtype=dtype), len(raw)))
 
     marker: dict[str, Any] = {"key": key, "language": job["language"], "content_hash": job["content_hash"],
                               "tokenizer_hash": job["tokenizer_hash"], "val_fraction": job["val_fraction"],
@@ -98,7 +101,7 @@ def tokenize_shard(job: dict[str, Any]) -> dict[str, Any]:
         docs_table[:, 0] = np.cumsum(counts) - counts  # token offset of each document
         docs_table[:, 1] = counts
         docs_table[:, 2] = [b for _, b in items]
-        tokens = np.fromiter((t for d, _ in items for t in d), dtype=dtype, count=int(counts.sum()))
+        tokens = np.concatenate([d for d, _ in items]) if items else np.zeros(0, dtype=dtype)
         _write_array(out / split / f"{key}.bin", tokens)
         _write_array(out / split / f"{key}.docs.npy", docs_table)
         marker["splits"][split] = {"documents": len(items), "tokens": int(counts.sum()),
