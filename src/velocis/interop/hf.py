@@ -286,9 +286,15 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise VelocisError(f"{f}: not valid JSON ({e})") from None
 
 
+# a config.json without "architectures" (e.g. PretrainedConfig.save_pretrained) names its model_type only
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
+
+
 def converter_for(hf: dict[str, Any], where: str | Path = "") -> tuple[str, Converter]:
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else None
+    arch = archs[0] if archs else MODEL_TYPES.get(hf.get("model_type"))
     if arch not in HF_ARCHITECTURES:
         raise VelocisError(
             f"{where}: architecture {arch or hf.get('model_type') or 'unknown'!s} is not supported; "
