@@ -12,7 +12,7 @@ def test_demo_short(tmp_path, capsys):
             "--max-new-tokens", "8", "--monitor", "plain", "--device", "cpu", "--prompt", "Once upon a time"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "[4/4] samples" in text and "'Once upon a time'" in text and "demo done" in text
+    assert "[4/4] samples" in text and "> Once upon a time" in text and "demo done" in text
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6
     assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()

@@ -32,8 +32,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from velocis.config import get_preset
     from velocis.data import default_corpus
     from velocis.tokenizer import Tokenizer
@@ -65,11 +63,10 @@ def run(args) -> int:
     import velocis
 
     model, tokenizer = velocis.load(out)
-    torch.manual_seed(args.seed)
-    for prompt in args.prompt or PROMPTS:
+    for i, prompt in enumerate(args.prompt or PROMPTS):
         text = velocis.generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=0.8, top_k=50)
-        print(f"  > {prompt!r}\n    {text!r}")
+                                temperature=0.8, top_k=50, seed=args.seed + i)
+        print(f"  > {prompt}{text}".replace("\n", " "))
     print(f"demo done in {(time.perf_counter() - t_start) / 60:.1f} min; curves: {out / 'curves.png'}; "
           f"more: velocis generate --model {out} --prompt '...'")
     return 0
