@@ -220,7 +220,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                   mlp_dim=2080, max_seq_len=2048, tie_embeddings=True,
                   num_experts=8, num_experts_per_token=2, moe_dim=1040,
                   router_score="softmax", balance="aux_loss", aux_loss_coef=0.01),
+    # DeepSeek-V3 (671B total / ~37B activated; + a 1-depth MTP module): MLA (q_lora 1536, kv_lora 512,
+    # nope 128 + rope 64, v 128, 128 heads), 3 dense layers then MoE (256 routed experts top-8 of width
+    # 2048 + 1 shared; sigmoid, 8 groups keep 4, routed scaling 2.5; aux-loss-free balancing),
+    # YaRN x40 from 4096 to 163840 (mscale 1, mscale_all_dim 1), init std 0.006 as in the paper.
+    "deepseek-v3": dict(vocab_size=129280, hidden_dim=7168, num_layers=61, num_heads=128, num_kv_heads=128,
+                        head_dim=192, mlp_dim=18432, max_seq_len=163840, norm_eps=1e-6, tie_embeddings=False,
+                        init_std=0.006, rope_theta=10000.0,
+                        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_seq_len": 4096,
+                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+                        mixer="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                        qk_rope_head_dim=64, v_head_dim=128,
+                        num_experts=256, num_experts_per_token=8, num_shared_experts=1, moe_dim=2048,
+                        first_dense_layers=3, router_score="sigmoid", router_norm_topk=True,
+                        num_expert_groups=8, topk_groups=4, routed_scaling_factor=2.5, balance="aux_free",
+                        mtp_depth=1, mtp_loss_weight=0.3, bos_token_id=0, eos_token_id=1),
 }
+# DeepSeek-V3.2: V3 plus DeepSeek Sparse Attention (lightning indexer: 64 heads of 128, top-2048 tokens).
+PRESETS["deepseek-v3.2"] = dict(PRESETS["deepseek-v3"], index_num_heads=64, index_head_dim=128, index_topk=2048)
 
 
 def preset_names() -> list[str]:

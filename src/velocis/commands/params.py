@@ -79,6 +79,9 @@ def run(args) -> int:
     print(f"  activated per token (excluding the embedding lookup): {c['active']:,} ({human(c['active'])})")
     print(f"KV cache (bf16): {human_bytes(c['kv_cache_bytes_per_token'])} per token, "
           f"{human_bytes(c['kv_cache_bytes_context'])} per sequence at the full {cfg.max_seq_len}-token context")
+    from velocis.models.cache_size import report_lines  # MLA vs same-width MHA/GQA caches; MTP split
+
+    print("\n".join(report_lines(cfg)))
     return 0
 
 

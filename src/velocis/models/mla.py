@@ -68,10 +68,8 @@ class MLACache(nn.Module):
         self.kv_lora_rank, self.max_len = kv_lora_rank, max_len
         self.register_buffer("kv", torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, device=device,
                                                dtype=dtype), persistent=False)
-        self.index_k = None
-        if index_dim:
-            self.register_buffer("index_k", torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype),
-                                 persistent=False)
+        self.register_buffer("index_k", torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
+                             if index_dim else None, persistent=False)
 
     def update(self, positions: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """Write latent [B, T, r] and k_pe [B, T, rope] at positions [T]; return the whole kv buffer."""

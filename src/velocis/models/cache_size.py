@@ -1,0 +1,97 @@
+"""KV-cache size per token, and how MLA compares with MHA / GQA caches of the same width.
+
+Per layer and token a cache holds
+  attention (MHA/GQA/MQA):  2 * num_kv_heads * head_dim                 numbers (K and V)
+  MLA:                      kv_lora_rank + qk_rope_head_dim              (latent c + shared rotary key)
+  MLA + DSA (V3.2):         kv_lora_rank + qk_rope_head_dim + index_head_dim   (+ the indexer's key)
+times dtype_bytes (2 for bf16). `measured_kv_cache_bytes_per_token` builds the model and its cache on
+the meta device and sums the cache buffers, so the formula is checked against what is allocated.
+The MTP modules' own caches (only used when drafting) are not counted.
+"""
+from __future__ import annotations
+
+import torch
+
+from velocis.config import ModelConfig
+
+
+def layer_cache_numbers(config: ModelConfig, mixer: str) -> int:
+    if mixer == "mla":
+        n = config.kv_lora_rank + config.qk_rope_head_dim
+        return n + (config.index_head_dim if config.index_num_heads else 0)
+    return 2 * config.num_kv_heads * config.head_dim
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Cache bytes one token costs across all layers (from the config; no model is built)."""
+    return sum(layer_cache_numbers(config, m) for m in config.mixers()) * dtype_bytes
+
+
+def measured_kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, max_len: int = 16) -> int:
+    """Bytes of the buffers `model.new_cache` allocates, per token (model and cache on the meta device)."""
+    from velocis.models import VelocisModel
+
+    with torch.device("meta"):
+        model = VelocisModel(config)
+        cache = model.new_cache(1, min(max_len, config.max_seq_len), device="meta", dtype=dtype)
+    total = sum(b.numel() * b.element_size() for layer in cache.layers for b in layer.buffers())
+    return total // cache.max_len
+
+
+def kv_cache_comparison(config: ModelConfig, dtype_bytes: int = 2) -> list[tuple[str, int]]:
+    """[(label, bytes per token)]: this model, then caches of the same width (hidden_dim, num_heads)."""
+    L, H, d = config.num_layers, config.num_heads, config.hidden_dim
+    hd = d // H
+    rows = [("this model", kv_cache_bytes_per_token(config, dtype_bytes))]
+    rows.append((f"MHA, {H} heads x {hd} (hidden/heads)", 2 * H * hd * L * dtype_bytes))
+    kv = 8 if H % 8 == 0 and H > 8 else max(1, H // 2)
+    rows.append((f"GQA, {kv} kv heads x {hd}", 2 * kv * hd * L * dtype_bytes))
+    if "mla" in config.mixers():
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        rows.append((f"MHA with MLA's per-head dims ({H} x (k {qk} + v {config.v_head_dim}))",
+                     H * (qk + config.v_head_dim) * L * dtype_bytes))
+        rows.append((f"GQA, 8 kv heads x 128 (Llama-3-70B style)", 2 * 8 * 128 * L * dtype_bytes))
+    return rows
+
+
+def mtp_split(config: ModelConfig) -> dict:
+    """Parameters with and without the MTP modules (meta device).
+
+    main_total / main_active: the model without MTP (active = per token, embedding lookup excluded,
+    head included, as velocis.models.count); mtp: the modules' own parameters (embedding and head are
+    shared); mtp_active: what one token uses in them; hf_checkpoint_total: main + MTP + the copies of
+    the embedding and head that DeepSeek/HF files store inside each MTP layer."""
+    from velocis.models import VelocisModel
+    from velocis.models.count import _active, _n
+
+    with torch.device("meta"):
+        model = VelocisModel(config)
+    total = model.num_params()
+    mtp = _n(model.mtp)
+    mtp_active = 0
+    if model.mtp is not None:
+        for layer in model.mtp.layers:
+            b = layer.block
+            mtp_active += _n(layer) - _n(b.mixer) - _n(b.feed_forward) + _active(b.mixer) + _active(b.feed_forward)
+    copies = config.mtp_depth * (_n(model.embed_tokens) + model.lm_head.weight.numel())
+    return {"total": total, "main_total": total - mtp, "mtp": mtp, "mtp_active": mtp_active,
+            "hf_checkpoint_total": total + copies, "mtp_with_embedding_and_head_copies": mtp + copies}
+
+
+def report_lines(config: ModelConfig, dtype_bytes: int = 2) -> list[str]:
+    """Lines for `velocis params`: cache per token vs same-width MHA/GQA, and the MTP split."""
+    from velocis.models.count import human, human_bytes
+
+    rows = kv_cache_comparison(config, dtype_bytes)
+    own = rows[0][1]
+    out = [f"KV cache per token ({8 * dtype_bytes}-bit), vs caches of the same width:"]
+    for label, b in rows:
+        ratio = "" if label == "this model" else f"  this model = {own / b:.3f}x (1/{b / own:.1f})"
+        out.append(f"  {label:<58} {human_bytes(b):>11}{ratio}")
+    if config.mtp_depth:
+        s = mtp_split(config)
+        out.append(f"without MTP: {s['main_total']:,} ({human(s['main_total'])}); MTP modules: {s['mtp']:,} "
+                   f"({human(s['mtp'])}), {human(s['mtp_with_embedding_and_head_copies'])} with the embedding/head "
+                   f"copies HF files store -> checkpoint {human(s['hf_checkpoint_total'])}; MTP activated per token "
+                   f"{human(s['mtp_active'])}")
+    return out
