@@ -97,14 +97,18 @@ def test_export_loads_in_transformers(tmp_path, qkv_bias, arch):
 
 
 def test_convert_cli_and_sharded_checkpoint(tmp_path):
+    Tokenizer = pytest.importorskip("velocis.tokenizer").Tokenizer
     hf_model = _hf_model("qwen2", num_key_value_heads=2)
     hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # several shards + index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    (tmp_path / "t.txt").write_text("abc abd 你好 " * 20)  # the tokenizer files travel with the model
+    Tokenizer.train([tmp_path / "t.txt"], vocab_size=263, progress=False).save(tmp_path / "hf")
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "v")]) == 0
     cfg = json.loads((tmp_path / "v" / "config.json").read_text())
     assert cfg["architecture"] == "velocis" and cfg["qkv_bias"] is True
-    vmodel, _ = velocis.load(tmp_path / "v", device="cpu")
+    vmodel, tok = velocis.load(tmp_path / "v", device="cpu")
     assert _max_diff(hf_model, vmodel) < 1e-4
+    assert tok is not None and (tmp_path / "v" / "tokenizer.json").is_file()
 
 
 def test_unknown_architecture_is_clear(tmp_path, capsys):

@@ -81,6 +81,10 @@ def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_
         if bos is None:
             raise VelocisError("the prompt is empty and the tokenizer has no BOS token; give a prompt")
         ids = [bos]
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise VelocisError(f"the prompt has token id {max(ids)} but the model's vocabulary has {vocab} ids; "
+                           f"is the tokenizer the one this model was trained with?")
     device = next(model.parameters()).device
     gen = None
     if seed is not None:

@@ -91,25 +91,33 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
 
 class StreamDecoder:
     """Incremental detokenizer: push(id) -> new text that is safe to print ('' while a UTF-8
-    character is still incomplete); flush() -> whatever remains."""
+    character is still incomplete); flush() -> whatever remains.
 
-    def __init__(self, tokenizer, prefix_ids: list[int] | None = None):
+    Decodes a short window, not the whole sequence, each step (vLLM's prefix/read offsets): the
+    window starts one emitted chunk back, so decoders that treat a leading space specially
+    (SentencePiece's "▁") see the same context as a full decode would.
+    """
+
+    def __init__(self, tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.printed = 0  # characters of decode(ids) already emitted
+        self.prefix = 0  # window start
+        self.read = 0  # tokens already turned into printed text
+
+    def _piece(self, final: bool) -> str:
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""  # nothing new, or a multi-byte character split across tokens: wait for the rest
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is split across tokens: wait for the rest
-            return ""
-        piece, self.printed = text[self.printed:], len(text)
-        return piece
+        return self._piece(final=False)
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        piece, self.printed = text[self.printed:], len(text)
-        return piece
+        return self._piece(final=True)
 
     def text(self) -> str:
         return self.tok.decode(self.ids)
