@@ -80,14 +80,17 @@ def test_hf_rope_scaling_matches(tmp_path, rope):
     assert _max_diff(back, vmodel, T=48) < 1e-4
 
 
-@pytest.mark.parametrize("qkv_bias, arch", [(False, "LlamaForCausalLM"), (True, "Qwen2ForCausalLM")])
-def test_export_loads_in_transformers(tmp_path, qkv_bias, arch):
+@pytest.mark.parametrize("qkv_bias, qk_norm, arch", [(False, False, "LlamaForCausalLM"),
+                                                     (True, False, "Qwen2ForCausalLM"),
+                                                     (False, True, "Qwen3ForCausalLM")])
+def test_export_loads_in_transformers(tmp_path, qkv_bias, qk_norm, arch):
     from velocis.model_io import save_model
     from velocis.models import VelocisModel
 
     torch.manual_seed(0)
     cfg = velocis.ModelConfig(vocab_size=96, hidden_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                              mlp_dim=80, max_seq_len=64, tie_embeddings=not qkv_bias, qkv_bias=qkv_bias)
+                              mlp_dim=80, max_seq_len=64, tie_embeddings=not qkv_bias, qkv_bias=qkv_bias,
+                              qk_norm=qk_norm)
     vmodel = VelocisModel(cfg).eval()
     save_model(vmodel, None, tmp_path / "v")
     assert main(["export", "--format", "hf", "--model", str(tmp_path / "v"), "--output", str(tmp_path / "hf")]) == 0
@@ -109,6 +112,16 @@ def test_convert_cli_and_sharded_checkpoint(tmp_path):
     vmodel, tok = velocis.load(tmp_path / "v", device="cpu")
     assert _max_diff(hf_model, vmodel) < 1e-4
     assert tok is not None and (tmp_path / "v" / "tokenizer.json").is_file()
+
+
+def test_bf16_checkpoint_stays_bf16(tmp_path):
+    hf_model = _hf_model("llama", num_key_value_heads=2).to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "v")]) == 0
+    vmodel, _ = velocis.load(tmp_path / "v", device="cpu", dtype=torch.bfloat16)
+    assert vmodel.dtype == torch.bfloat16
+    assert (tmp_path / "v" / "model.safetensors").stat().st_size < 0.6 * 4 * vmodel.num_params()
+    assert _max_diff(hf_model, vmodel) < 0.05
 
 
 def test_unknown_architecture_is_clear(tmp_path, capsys):

@@ -73,13 +73,13 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise VelocisError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
-    model.to_empty(device=device)
+    if dtype is None:  # keep the stored precision (a bf16 checkpoint stays bf16)
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    model.to(dtype).to_empty(device=device)
     model.load_state_dict(state, strict=False, assign=False)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     _reinit_buffers(model, device)
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 
