@@ -124,6 +124,16 @@ def test_bf16_checkpoint_stays_bf16(tmp_path):
     assert _max_diff(hf_model, vmodel) < 0.05
 
 
+def test_sliding_window_caps_the_context(tmp_path):
+    hf_model = _hf_model("mistral", num_key_value_heads=2, sliding_window=16)
+    hf_model.save_pretrained(tmp_path / "hf")
+    vmodel, _ = velocis.load(tmp_path / "hf", device="cpu")
+    assert vmodel.config.max_seq_len == 16  # exact within the window, refused beyond it
+    assert _max_diff(hf_model, vmodel, T=16) < 1e-4
+    with pytest.raises(VelocisError, match="too long"):
+        vmodel(torch.zeros(1, 17, dtype=torch.long))
+
+
 def test_unknown_architecture_is_clear(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(VelocisError, match="GPT2LMHeadModel is not supported"):

@@ -197,27 +197,28 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**dense_config_fields(hf))
 
 
+def _cap_to_window(fields: dict[str, Any], window: int | None) -> dict[str, Any]:
+    """Sliding-window attention equals full causal attention up to `window` tokens: import such a
+    model with its context capped there, so it is exact wherever it runs."""
+    if window and window < fields["max_seq_len"]:
+        fields["max_seq_len"] = int(window)
+    return fields
+
+
 def mistral_config(hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("sliding_window"):
-        window, mpe = hf["sliding_window"], hf.get("max_position_embeddings", 0)
-        if window < mpe:
-            raise VelocisError(f"Mistral sliding_window {window} < context {mpe} is not supported; "
-                               f"set sliding_window to null in config.json (exact up to {window} tokens)")
-    return ModelConfig(**dense_config_fields(hf))
+    return ModelConfig(**_cap_to_window(dense_config_fields(hf), hf.get("sliding_window")))
 
 
 def qwen2_config(hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("use_sliding_window"):
-        raise VelocisError("Qwen2 with use_sliding_window=true is not supported")
-    return ModelConfig(**dense_config_fields(hf), qkv_bias=True)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    return ModelConfig(**_cap_to_window(dense_config_fields(hf), window), qkv_bias=True)
 
 
 def qwen3_config(hf: dict[str, Any]) -> ModelConfig:
-    if hf.get("use_sliding_window"):
-        raise VelocisError("Qwen3 with use_sliding_window=true is not supported")
     if hf.get("attention_bias"):  # Qwen3's attention_bias also biases o_proj
         raise VelocisError("Qwen3 with attention_bias=true is not supported (Velocis biases q/k/v only)")
-    return ModelConfig(**dense_config_fields(hf), qk_norm=True)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    return ModelConfig(**_cap_to_window(dense_config_fields(hf), window), qk_norm=True)
 
 
 def _is_dense_attention(cfg: ModelConfig) -> bool:
