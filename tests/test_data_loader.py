@@ -138,3 +138,20 @@ def test_errors(data_dir, tmp_path):
         PackedLoader(data_dir, 8, 1, rank=2, world_size=2)
     with pytest.raises(VelocisError, match="batch_size x world_size"):
         PackedLoader(data_dir, 512, 10_000)
+
+
+def test_reads_only_what_the_mix_keeps(data_dir):
+    root = data_dir.parent
+    mixed = prepare_dataset([root / "corpus" / "zh.txt"], [root / "corpus" / "en.txt"], root / "tok", root / "mixed",
+                            mix=0.1, num_workers=1, shard_mb=0.1, val_fraction=0.05)
+    info = json.loads((mixed / "index.json").read_text())["splits"]["train"]
+    assert any(s["used_tokens"] < s["tokens"] for s in info["shards"])  # some shards cut short
+    assert any(s["used_tokens"] == 0 for s in info["shards"])  # and some left out entirely
+    loader = PackedLoader(mixed, 32, 4)
+    assert loader.num_tokens == info["tokens"] == sum(s["used_tokens"] for s in info["shards"])
+    tokens = stream(mixed, "train")
+    assert loader.read_tokens(0, len(tokens)).tolist() == tokens.tolist()
+    zh_tokens = info["tokens_by_language"]["zh"]
+    assert zh_tokens / info["tokens"] == pytest.approx(0.1, abs=0.01)
+    x, y = next(iter(loader))
+    assert x.shape == y.shape == (4, 32)

@@ -153,9 +153,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # would eat spaces before punctuation on decode
             "model_max_length": 1_000_000_000,
         }
-        if self.eos_id is not None and self._tok.token_to_id(END) is not None:
-            config["additional_special_tokens"] = [SYSTEM, USER, ASSISTANT, END]
-            special["additional_special_tokens"] = [SYSTEM, USER, ASSISTANT, END]
+        chat = [t for t in (SYSTEM, USER, ASSISTANT, END) if self._tok.token_to_id(t) is not None]
+        if chat:
+            config["additional_special_tokens"] = special["additional_special_tokens"] = chat
         atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
         return out

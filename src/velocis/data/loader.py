@@ -57,7 +57,7 @@ class PackedLoader:
                 f"fewer than batch_size x world_size = {batch_size * world_size}; use a smaller batch or --seq-len"
             )
         # Lazily opened memory maps of each shard's used prefix, and where each starts in the stream.
-        self._shards = [(self.data_dir / s["path"], int(s["used_tokens"])) for s in info["shards"]]
+        self._shards = [(self.data_dir / s["path"], int(s["used_tokens"])) for s in info["shards"] if s["used_tokens"]]
         self._starts = np.cumsum([0] + [n for _, n in self._shards])
         self._maps: list[np.memmap | None] = [None] * len(self._shards)
         self.epoch, self.step = 0, 0
