@@ -1,8 +1,8 @@
 """Does `velocis data prepare` stream? Throughput (MB/s of input text) and peak memory (RSS of
-the whole process tree: the CLI and its tokenizer workers) on ../shared/data and on an input
+the whole process tree: the CLI and its tokenizer workers) on ../shared/data and on inputs
 N times larger (the same files repeated into a temp dir). Flat peak memory = streaming.
 
-    python benchmarks/bench_data_prepare.py [--data ../shared/data] [--scale 10] [--num-workers 2]
+    python benchmarks/bench_data_prepare.py [--data ../shared/data] [--scales 1,3,10] [--num-workers 2]
 
 A tokenizer (8192 tokens) is trained once on a sample of the data; each preparation runs as a
 fresh `velocis data prepare` subprocess, sampled every 20 ms with psutil.
@@ -53,6 +53,18 @@ def run_prepare(zh: Path, en: Path, tok: Path, out: Path, workers: int, shard_mb
     return {"seconds": seconds, "peak_rss": peak, "tokens": tokens}
 
 
+def repeated(data: Path, copies: int, root: Path) -> Path:
+    """Each file of data/zh and data/en written `copies` times over, into root."""
+    for lang in ("zh", "en"):
+        (root / lang).mkdir(parents=True)
+        for f in sorted((data / lang).iterdir()):
+            text = f.read_bytes().rstrip(b"\n") + b"\n\n"
+            with open(root / lang / f.name, "wb") as out:
+                for _ in range(copies):
+                    out.write(text)
+    return root
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
@@ -60,7 +72,7 @@ def dir_bytes(d: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="holds zh/ and en/")
-    ap.add_argument("--scale", type=int, default=10, help="the larger input is this many copies (default 10)")
+    ap.add_argument("--scales", default="1,3,10", help="input sizes, in copies of the data (default 1,3,10)")
     ap.add_argument("--num-workers", type=int, default=os.cpu_count())
     ap.add_argument("--shard-mb", type=float, default=8.0)
     ap.add_argument("--tmp", help="work dir (default: a temp dir, removed after)")
@@ -78,20 +90,15 @@ def main() -> None:
                         max_bytes_per_file=2_000_000).save(tok_dir)
         print(f"tokenizer: 8192 tokens trained on a 2 MB/file sample in {time.perf_counter() - t0:.1f}s")
 
-        big = work / f"x{args.scale}"
-        for lang in ("zh", "en"):
-            (big / lang).mkdir(parents=True)
-            for f in sorted((data / lang).iterdir()):
-                with open(big / lang / f.name, "wb") as out:
-                    for _ in range(args.scale):
-                        out.write(f.read_bytes().rstrip(b"\n") + b"\n\n")
-
         rows = []
-        for name, root in (("1x", data), (f"{args.scale}x", big)):
-            r = run_prepare(root / "zh", root / "en", tok_dir, work / f"out_{name}", args.num_workers, args.shard_mb)
-            r.update(name=name, mb=(dir_bytes(root / "zh") + dir_bytes(root / "en")) / 1e6)
+        for scale in map(int, args.scales.split(",")):
+            root = data if scale == 1 else repeated(data, scale, work / f"x{scale}")
+            r = run_prepare(root / "zh", root / "en", tok_dir, work / "out", args.num_workers, args.shard_mb)
+            r.update(name=f"{scale}x", mb=(dir_bytes(root / "zh") + dir_bytes(root / "en")) / 1e6)
             rows.append(r)
-            shutil.rmtree(work / f"out_{name}")
+            shutil.rmtree(work / "out")
+            if root != data:
+                shutil.rmtree(root)
 
         cpu = platform.processor() or platform.machine()
         print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPU cores ({cpu}); "
