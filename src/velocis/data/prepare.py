@@ -363,6 +363,8 @@ def _tokenize_all(files, out, tok, tokenizer_hash, dtype, val_fraction, num_work
                 _collect(pending, results, bar, task, wait(pending).done)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+        if total:  # document bytes leave out the blank lines between them: end the bar at 100%
+            bar.update(task, completed=total)
     return [results[k] for k in order]
 
 
