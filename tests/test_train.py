@@ -161,7 +161,7 @@ def test_monitor_chart_and_plain(capsys):
     assert len(rows) == 4 and all(len(r) == len(rows[0]) for r in rows)
     assert float(rows[0].split("│")[0]) > 4.9 and float(rows[-1].split("│")[0]) < 2.1  # y range labels
     assert rows[-1].split("│")[1][0] == "█" and rows[0].split("│")[1][-1] == " "  # falling curve
-    assert fmt_value([1, 5, 9]).endswith("█") and fmt_value(0.123456) == "0.1235"
+    assert fmt_value([1, 5, 9]).endswith("█") and fmt_value([7, 7, 8, 9])[0] != "▁" and fmt_value(0.123456) == "0.1235"
     buf = io.StringIO()
     m = PlainMonitor("t", 100, log_every=10, stream=buf)
     rec = dict(step=10, loss=3.0, lr=1e-3, grad_norm=0.5, tokens=100, tokens_per_s=1234.0, elapsed_s=3.0,

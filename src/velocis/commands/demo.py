@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-PROMPTS = ["从前有一个", "今天天气", "The king said", "Once upon a time"]
+# Openings the built-in corpus uses, so a few minutes of training can continue them.
+PROMPTS = ["从前，有一只", "桌子上有", "Once upon a time, there was", "The capital of"]
 
 
 def register(sub) -> None:
@@ -19,9 +20,10 @@ def register(sub) -> None:
     p.add_argument("--time-budget", type=float, default=3.5, metavar="MINUTES", help="training time (default 3.5)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the time budget decides)")
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--max-new-tokens", type=int, default=60)
@@ -52,7 +54,7 @@ def run(args) -> int:
     cfg = TrainConfig(
         output_dir=str(out), data_dir=str(data_dir), time_budget=args.time_budget, max_steps=args.max_steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=20, device=args.device,
-        compile=args.compile, seed=args.seed, eval_every=50, eval_batches=4, save_every=100_000, keep_last=1,
+        compile=args.compile, seed=args.seed, eval_every=args.eval_every, eval_batches=4, save_every=100_000, keep_last=1,
         monitor=args.monitor, log_every=10,
     )
     result = train(cfg, model_config, overwrite=True)

@@ -43,13 +43,14 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         flat = [x for x in v if isinstance(x, (int, float))]
         if flat and len(flat) == len(v):
-            return sparkline(flat)
+            return sparkline(flat, zero_based=True)
         return " | ".join(fmt_value(x) for x in v[:4]) + (" …" if len(v) > 4 else "")
     return str(v)
 
 
-def sparkline(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
+def sparkline(values: list[float], zero_based: bool = False) -> str:
+    # zero_based: bars from 0 (loads, counts) so that 7,7,8,9 reads as balanced
+    lo, hi = (min(0, min(values)) if zero_based else min(values)), max(values)
     span = hi - lo
     return "".join(BLOCKS[1 + int(7 * (v - lo) / span) if span > 0 else 4] for v in values)
 
