@@ -75,8 +75,10 @@ def test_dense_up_to_topk_sparse_beyond():
     assert torch.equal(counts, torch.clamp(pos + 1, max=8).expand(2, T))
 
 
-def test_decode_with_index_cache_long_context():
-    """Prefill past index_topk, then decode: cached (absorbed, indexer keys cached) == uncached."""
+@pytest.mark.parametrize("expand_min_tokens", [128, 2])
+def test_decode_with_index_cache_long_context(expand_min_tokens, monkeypatch):
+    """Prefill past index_topk, then decode: cached (indexer keys cached) == uncached."""
+    monkeypatch.setattr(MLA, "expand_min_tokens", expand_min_tokens)
     sparse, _ = _pair(index_topk=8)
     x = torch.randn(1, 40, 64)
     pos = torch.arange(40)

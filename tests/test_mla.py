@@ -66,7 +66,11 @@ def test_mla_matches_transformers_attention(q_lora, yarn, interleave):
 
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, {"index_num_heads": 4, "index_head_dim": 16, "index_topk": 6}],
                          ids=["mla", "mla-full-rank-q", "mla+dsa"])
-def test_latent_cache_decode_matches_uncached(kw):
+@pytest.mark.parametrize("expand_min_tokens", [128, 2], ids=["absorbed-prefill", "expanded-prefill"])
+def test_latent_cache_decode_matches_uncached(kw, expand_min_tokens, monkeypatch):
+    """Prefill 5 tokens into the cache (absorbed, or expanded from the cached latents), then decode
+    20 tokens one at a time with the absorbed form."""
+    monkeypatch.setattr(MLA, "expand_min_tokens", expand_min_tokens)
     torch.manual_seed(0)
     model = VelocisModel(_mla_config(**kw)).eval()
     with torch.no_grad():

@@ -92,6 +92,10 @@ def mla_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
 
 @register_mixer("mla")
 class MLA(nn.Module):
+    # with a cache, chunks of at least this many tokens expand the latents (temporarily) instead of
+    # the absorbed form: compute break-even is T ~ r*(nope+v) / (2r - nope - v) = 171 for V3
+    expand_min_tokens = 128
+
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
@@ -186,7 +190,14 @@ class MLA(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scaling)
 
     def _absorbed(self, x, q_nope, q_pe, latent, k_pe, q_lat, positions, rope, cache: MLACache) -> torch.Tensor:
-        """Decoding: attend over the latent cache with W_UK / W_UV absorbed. -> [B, H, T, v]."""
+        """With a cache: write [c | k_pe], then attend over the cache. -> [B, H, T, v].
+
+        Short chunks (decode steps, speculative verification) use the absorbed form: W_UK folded
+        into the query, W_UV into the output, scores taken against the latents directly (MQA over
+        [c | k_pe] with one shared "head" of width kv_lora_rank + rope). Per (head, query, key) that
+        costs (r + rope) + r multiply-adds against (nope + rope) + v for expanded keys/values, so a
+        long chunk (T >= expand_min_tokens, e.g. a prompt) instead expands the visible latents once,
+        temporarily, and runs SDPA; the cache itself always stays compressed."""
         B, T, _ = latent.shape
         H, r = self.num_heads, self.kv_lora_rank
         kv = cache.update(positions, latent, k_pe)  # [B, L, r + rope]
@@ -197,13 +208,21 @@ class MLA(nn.Module):
             if int(positions[-1]) + 1 > self.indexer.topk:  # some query sees more than top-k tokens
                 keep = self.indexer.select(x, q_lat, cache.index_k, mask, rope)  # [B, T, L]
                 mask = mask & keep
+        mask = mask if mask.dim() == 2 else mask.unsqueeze(1)  # [T, L] or [B, 1, T, L]
+        if T >= self.expand_min_tokens:
+            end = int(positions[-1]) + 1  # slots past the chunk are invisible to all its queries
+            kv = kv[:, :end].to(q_nope.dtype)
+            kvx = self.kv_b_proj(kv[..., :r]).view(B, end, H, self.nope + self.v_dim).transpose(1, 2)
+            k_nope, v = kvx.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, kv[:, None, :, r:].expand(B, H, end, self.rope)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :end], scale=self.scaling)
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, r], [H, v, r]
         q_lat_k = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # query in latent space
         q_abs = torch.cat([q_lat_k, q_pe], dim=-1).reshape(B, H * T, r + self.rope)
         kv = kv.to(q_abs.dtype)
         scores = torch.bmm(q_abs, kv.transpose(1, 2)).view(B, H, T, L) * self.scaling
-        mask = mask if mask.dim() == 2 else mask.unsqueeze(1)
         scores = scores.masked_fill(~mask, float("-inf"))
         p = torch.softmax(scores.float(), dim=-1).to(q_abs.dtype)
         o_lat = torch.bmm(p.view(B, H * T, L), kv[..., :r]).view(B, H, T, r)  # attn @ c
