@@ -227,10 +227,8 @@ class Trainer:
 
     def lr_now(self) -> float:
         c = self.cfg
-        # A short run must not spend itself warming up: at most a tenth of it.
-        warmup = min(c.warmup_steps, max(1, c.max_steps // 10)) if c.max_steps else c.warmup_steps
         return c.lr * lr_multiplier(
-            self.step, self.progress(), schedule=c.schedule, warmup_steps=warmup,
+            self.step, self.progress(), schedule=c.schedule, warmup_steps=c.warmup_steps,
             min_lr_ratio=c.min_lr_ratio, decay_fraction=c.decay_fraction,
         )
 

@@ -21,6 +21,7 @@ def lr_multiplier(
     warmup_steps: int = 0,
     min_lr_ratio: float = 0.1,
     decay_fraction: float = 0.2,
+    max_warmup_fraction: float = 0.1,
 ) -> float:
     if schedule not in SCHEDULES:
         raise VelocisError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -30,7 +31,11 @@ def lr_multiplier(
     else:  # wsd: flat at the peak, then a linear decay over the last `decay_fraction` of the run
         start = 1.0 - decay_fraction
         mult = 1.0 if p <= start else 1.0 - (1.0 - min_lr_ratio) * (p - start) / max(decay_fraction, 1e-9)
-    # Warmup ramps on steps (not progress): Adam's moment estimates need a few real updates.
+    # Warmup ramps over `warmup_steps` (Adam's moments need a few real updates), but never over
+    # more than `max_warmup_fraction` of the run, so a short or slow run does not spend itself warming up.
     if warmup_steps > 0 and step < warmup_steps:
-        mult *= (step + 1) / warmup_steps
+        ramp = (step + 1) / warmup_steps
+        if max_warmup_fraction > 0:
+            ramp = max(ramp, p / max_warmup_fraction)
+        mult *= min(ramp, 1.0)
     return mult
