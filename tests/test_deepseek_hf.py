@@ -137,3 +137,22 @@ def test_mtp_matches_transformers_mtp_model(tmp_path):
         assert back.config.mtp_depth == 1
         again = back.mtp.per_depth_logits(back.hidden_states(x), x, back)[0]
         assert (again - mine).abs().max().item() < 1e-5
+
+
+def test_convert_and_export_cli(tmp_path):
+    """`velocis convert --from-hf` and `velocis export` on a DeepSeek-V3.2 directory."""
+    import velocis
+    from velocis.cli import main
+
+    hf_model, cls = _hf("v32", index_topk=6, index_head_dim=16, index_n_heads=4, num_hidden_layers=2)
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "v")]) == 0
+    vm, _ = velocis.load(tmp_path / "v", device="cpu")
+    x = torch.randint(0, TINY["vocab_size"], (1, 16))
+    with torch.no_grad():
+        ref = hf_model(x).logits
+        assert (ref - vm(x)).abs().max().item() < 1e-4
+    assert main(["export", "--model", str(tmp_path / "v"), "--output", str(tmp_path / "back")]) == 0
+    back = cls.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert (ref - back(x).logits).abs().max().item() < 1e-4

@@ -113,3 +113,20 @@ def test_mtp_saved_and_loaded(tmp_path):
         b = back.mtp.per_depth_logits(back.hidden_states(x), x, back)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a, b))
     assert any(k.startswith("mtp.layers.1.block.mixer.kv_b_proj") for k in back.state_dict())
+
+
+def test_mtp_cached_step_matches_full_sequence():
+    """The engine's drafting path: MTP depth 1 with its own latent cache, fed chunk by chunk (the
+    prompt, then one position at a time), equals the full-sequence MTP logits."""
+    torch.manual_seed(0)
+    model = VelocisModel(_cfg(mtp_depth=1)).eval()
+    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h = model.hidden_states(x)
+        ref = model.mtp.per_depth_logits(h, x, model)[0]  # [2, 15, V]
+        cache = model.mtp.new_cache(2, 16)[0]
+        outs = [model.mtp.logits(model, h[:, :6], x[:, 1:7], depth=1, positions=torch.arange(6), cache=cache)[0]]
+        for i in range(6, 15):
+            outs.append(model.mtp.logits(model, h[:, i:i + 1], x[:, i + 1:i + 2], depth=1,
+                                         positions=torch.tensor([i]), cache=cache)[0])
+    assert (torch.cat(outs, dim=1) - ref).abs().max().item() < 1e-4

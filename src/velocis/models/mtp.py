@@ -66,7 +66,7 @@ class MTP(nn.Module):
         for k, layer in enumerate(self.layers, start=1):
             if T - k <= 0:
                 break
-            positions = torch.arange(k, T, device=input_ids.device)
+            positions = torch.arange(T - k, device=input_ids.device)  # i: see MTP.logits on positions
             h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), positions)
             logits = model.lm_head(h)
             losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets[:, k:].reshape(-1),
@@ -83,7 +83,7 @@ class MTP(nn.Module):
         for k, layer in enumerate(self.layers, start=1):
             if T - k <= 0:
                 break
-            h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), torch.arange(k, T, device=h.device))
+            h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), torch.arange(T - k, device=h.device))
             out.append(model.lm_head(h))
         return out
 
@@ -97,11 +97,14 @@ class MTP(nn.Module):
         """One MTP depth on a chunk: h_prev [B, T, H] (the main model's last block output, or the
         previous depth's output with prev_normed=True) at positions i, tokens [B, T] = t_{i+depth};
         returns (logits [B, T, vocab] for t_{i+depth+1}, h_depth [B, T, H] (normed)).
-        ``positions`` are the token positions (i + depth); ``cache`` this depth's cache from new_cache."""
+        ``positions`` are i, the positions of h_prev (default 0..T-1), which index ``cache`` (this
+        depth's, from new_cache). transformers rotates MTP depth k at i + k instead: RoPE scores
+        depend only on position differences, so the outputs are the same, and slot i of a cache is
+        filled from position 0 on."""
         if not prev_normed:
             h_prev = model.norm(h_prev)
         if positions is None:
-            positions = torch.arange(depth, depth + tokens.shape[1], device=tokens.device)
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.layers[depth - 1](h_prev, model.embed_tokens(tokens), positions, cache)
         return model.lm_head(h), h
 
