@@ -52,7 +52,8 @@ def test_arithmetic_is_right():
 
 @pytest.mark.slow
 def test_a_small_model_learns_it_well_below_unigram_entropy(tmp_path):
-    """~1 minute on 2 CPU cores: a small model's loss falls far below the unigram entropy."""
+    """250 steps of a 0.8M-parameter model (about a minute on 2 idle CPU cores): its loss falls
+    below half the unigram entropy, i.e. it learned far more than word frequencies."""
     import torch
 
     from velocis.config import ModelConfig
@@ -71,16 +72,15 @@ def test_a_small_model_learns_it_well_below_unigram_entropy(tmp_path):
     model = VelocisModel(ModelConfig(vocab_size=2048, hidden_dim=128, num_layers=3, num_heads=4, mlp_dim=384,
                                      max_seq_len=128))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = PackedLoader(data, 128, 16, seed=0)
+    loader = PackedLoader(data, 64, 16, seed=0)
     losses = []
-    t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         loss, _ = model.compute_loss(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if step >= 300 or time.perf_counter() - t0 > 90:
+        if step + 1 == 250:
             break
     final = sum(losses[-10:]) / 10
     print(f"unigram entropy {unigram:.2f} nats/token; loss {losses[0]:.2f} -> {final:.2f} in {len(losses)} steps")

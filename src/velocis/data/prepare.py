@@ -69,12 +69,11 @@ def _init_worker(tokenizer_file: str, threads: int | None) -> None:
 
 
 def _write_array(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         if path.suffix == ".npy":
-            np.save(tmp, array)
-            # np.save appends .npy to a name without it; ours has it, so tmp is the file
+            np.save(f, array)
         else:
-            array.tofile(tmp)
+            array.tofile(f)
 
 
 def tokenize_shard(job: dict[str, Any]) -> dict[str, Any]:
