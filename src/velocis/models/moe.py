@@ -347,11 +347,14 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Aux-loss-free step: bias += rate * sign(mean load - load); clears the load counts."""
-        if self.balance != "aux_free" or not bool(self.load_accum.any()):
+        """Aux-loss-free step: bias += rate * sign(mean load - load); clears the load counts.
+        Under torch.distributed the loads are summed over ranks first (call it on every rank)."""
+        if self.balance != "aux_free":
             self.load_accum.zero_()
             return
         load = self.load_accum
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank takes the same step: biases stay identical
         self.gate.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.load_accum.zero_()
 
