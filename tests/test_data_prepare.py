@@ -32,6 +32,7 @@ def corpus(tmp_path_factory) -> Path:
         for i in range(300):
             f.write(json.dumps({"text": f"第{i}条记录：混合 English 和中文 😀\r\n第二行\t制表符", "id": i},
                                ensure_ascii=False) + "\n")
+        f.write(json.dumps({"text": "a literal <|end_of_text|> and <|user|> stay text"}) + "\n")
     (root / "en").mkdir()
     en.rename(root / "en" / "stories.txt")
     pq.write_table(pa.table({"text": [f"Parquet row {i}:  two  spaces,\ttab." for i in range(400)] + [None, ""]}),
@@ -69,6 +70,7 @@ def prepared(corpus, tmp_path_factory) -> Path:
 
 def test_tokens_equal_documents_encoded_one_by_one(corpus, prepared):
     tok = Tokenizer.load(corpus / "tok")
+    tok.backend.encode_special_tokens = True  # documents are plain text, as in prepare
     docs = all_documents(corpus)
     expected = sum(len(tok.encode(d)) + 1 for d in docs)
     index = read_index(prepared)
@@ -108,6 +110,7 @@ def test_docs_table(prepared):
         tokens = np.fromfile(prepared / s["path"], dtype=np.uint16)
         ends = table[:, 0] + table[:, 1] - 1
         assert (tokens[ends] == index["eos_id"]).all()
+        assert (tokens == index["eos_id"]).sum() == s["documents"]  # no end-of-text from the text itself
 
 
 @pytest.mark.parametrize("mix", [0.5, 0.2, 0.9])
@@ -293,6 +296,7 @@ def test_shared_data_token_count(tmp_path):
                           max_bytes_per_file=2_000_000)
     tok.save(tmp_path / "tok")
     out = prepare_dataset(zh, en, tmp_path / "tok", tmp_path / "data", num_workers=2, progress=False)
+    tok.backend.encode_special_tokens = True  # documents are plain text, as in prepare
     index = read_index(out)
     total = 0
     ndocs = 0

@@ -10,7 +10,8 @@
 The input is read as a stream and cut into shards of about `shard_mb` MB of text; worker
 processes tokenize shards in parallel, and at most `num_workers + 1` shards are in memory at
 once, so memory is bounded by the shard size, not by the corpus. Each document gets an
-end-of-text token. A document goes to the validation split when the hash of its text falls
+end-of-text token (special-token names written in the text are encoded as plain text). A
+document goes to the validation split when the hash of its text falls
 below `val_fraction`, so the split is deterministic and duplicates never straddle it.
 
 Every file is written to a temporary name and renamed; a shard's marker is written after its
@@ -66,6 +67,8 @@ def _init_worker(tokenizer_file: str, threads: int | None) -> None:
     from velocis.tokenizer import Tokenizer
 
     _worker_tokenizer = Tokenizer.load(tokenizer_file)
+    # Corpus text is only text: a literal "<|end_of_text|>" in a document must not become a control token.
+    _worker_tokenizer.backend.encode_special_tokens = True
 
 
 def _write_array(path: Path, array: np.ndarray) -> None:
