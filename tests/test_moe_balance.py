@@ -149,3 +149,34 @@ if __name__ == "__main__":
         print(f"| {b:<9} | {r['imbalance_agg_last50']:23.3f} | {r['imbalance_last50']:13.3f} | "
               f"{r['imbalance_worst_last50']:10.3f} | {r['lm_loss_last50']:7.3f} |")
         sys.stdout.flush()
+
+
+def test_trainer_logs_expert_load_and_updates_bias(tmp_path, capsys):
+    """`velocis train-custom` with an aux_free MoE: metrics.jsonl carries the expert load and the
+    trainer's update_expert_bias() hook moves the router bias."""
+    import json
+
+    from velocis.cli import main
+    from velocis.data import default_corpus, prepare_dataset
+    from velocis.tokenizer import Tokenizer
+
+    zh, en = default_corpus.write_default_corpus(tmp_path / "corpus")
+    tok = Tokenizer.train([str(zh), str(en)], vocab_size=384, progress=False)
+    tok.save(tmp_path / "tok")
+    data = prepare_dataset([str(zh)], [str(en)], tmp_path / "tok", tmp_path / "data")
+    run = tmp_path / "run"
+    argv = ["train-custom", "--data", str(data), "--output-dir", str(run), "--hidden-dim", "64", "--num-layers", "2",
+            "--num-heads", "2", "--mlp-dim", "128", "--max-seq-len", "64", "--num-experts", "4",
+            "--experts-per-token", "2", "--moe-dim", "32", "--balance", "aux_free", "--batch-size", "4",
+            "--seq-len", "32", "--device", "cpu", "--monitor", "plain", "--eval-batches", "1", "--max-steps", "6",
+            "--eval-every", "6", "--save-every", "6", "--no-plot"]
+    assert main(argv) == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("type") == "train"]
+    assert train and all(len(r["expert_load"]) == 2 and len(r["expert_load"][0]) == 4 for r in train)
+    assert all(r["expert_imbalance"] >= 1.0 for r in train)
+    import velocis
+
+    model, _ = velocis.load(run)
+    bias = model.layers[0].feed_forward.gate.e_score_correction_bias
+    assert bias.abs().sum() > 0  # six steps of +-bias_update_rate
