@@ -306,3 +306,33 @@ def test_shared_data_token_count(tmp_path):
         total += sum(len(ids) + 1 for ids in tok.encode_batch(docs))
     assert index["splits"]["train"]["tokens"] + index["splits"]["val"]["tokens"] == total
     assert index["splits"]["train"]["documents"] + index["splits"]["val"]["documents"] == ndocs
+
+
+def test_sigkill_then_rerun_gives_identical_output(corpus, prepared, tmp_path):
+    """A real kill: the CLI is SIGKILLed once some shards are done; the re-run finishes the job."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "velocis", "data", "prepare", "--chinese-path", str(corpus / "zh"),
+            "--english-path", str(corpus / "en" / "*"), "--tokenizer", str(corpus / "tok"), "--output", str(out),
+            "--num-workers", "2", "--quiet"]
+    proc = subprocess.Popen(argv + ["--shard-mb", "0.25"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((out / "done").glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (out / "index.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    done_before = {p: p.stat().st_mtime_ns for p in (out / "done").glob("*.json")}
+    assert done_before
+    subprocess.run(argv + ["--shard-mb", "0.25"], check=True, stdout=subprocess.DEVNULL)
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # finished shards were kept
+    reference = prep(corpus, tmp_path / "reference")
+    files = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "index.json"}
+    assert files(out) == files(reference)
+    a, b = read_index(out), read_index(reference)
+    assert a["splits"] == b["splits"] and a["tokenizer_hash"] == b["tokenizer_hash"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporaries left

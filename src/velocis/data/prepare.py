@@ -300,6 +300,16 @@ def prepare_dataset(
     return out
 
 
+def _remove_temporaries(out: Path) -> None:
+    """Half-written files of a killed run (atomic_path's .NAME.*.tmp dirs)."""
+    ours = [out / "train", out / "val", out / "done"]
+    stale = [t for d in ours for t in d.glob(".*.tmp")]
+    stale += [t for name in ("index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+              for t in out.glob(f".{name}.*.tmp")]
+    for t in stale:
+        shutil.rmtree(t, ignore_errors=True)
+
+
 def _remove_shards(out: Path, keys: list[str]) -> None:
     for key in keys:
         for split in SPLITS:
@@ -314,6 +324,7 @@ def _tokenize_all(files, out, tok, tokenizer_hash, dtype, val_fraction, num_work
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)  # the old index no longer describes what is being written
+    _remove_temporaries(out)
     tokenizer_file = out / "tokenizer.json"  # the copy that travels with the data; the workers load it too
     if not tokenizer_file.is_file() or Tokenizer.load(out).hash() != tok.hash():
         tok.save(out)
