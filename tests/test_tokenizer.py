@@ -147,6 +147,8 @@ def test_cli_bad_inputs(tmp_path, capsys):
                              "--output", str(tmp_path / "out")])
     assert "bad.txt" in err and "byte offset 14" in err
     assert not (tmp_path / "out").exists()
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "bad.txt"), "--vocab-size", "300",
+                 "--output", str(tmp_path / "out"), "--on-invalid-utf8", "replace", "--quiet"]) == 0
 
 
 def test_load_errors(tmp_path):

@@ -79,6 +79,7 @@ class Tokenizer:
         min_frequency: int = 2,
         progress: bool = True,
         max_bytes_per_file: int | None = None,
+        on_invalid_utf8: str = "error",
     ) -> "Tokenizer":
         """Learn a byte-level BPE vocabulary from .txt / .jsonl / .parquet files (or dirs/globs)."""
         from tokenizers import pre_tokenizers, trainers
@@ -97,7 +98,7 @@ class Tokenizer:
         def texts() -> Iterator[str]:
             for path in paths:
                 seen = 0
-                for doc in iter_documents(path):
+                for doc in iter_documents(path, on_invalid_utf8):
                     yield doc
                     seen += len(doc.encode("utf-8"))
                     if max_bytes_per_file and seen >= max_bytes_per_file:

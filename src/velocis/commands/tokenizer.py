@@ -20,6 +20,8 @@ def register(sub) -> None:
     t.add_argument("--output", required=True, metavar="DIR")
     t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)")
     t.add_argument("--sample-mb", type=float, metavar="MB", help="read at most this much text from each file")
+    t.add_argument("--on-invalid-utf8", choices=["error", "replace"], default="error",
+                   help="stop at invalid UTF-8 (default) or replace it with U+FFFD")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=train)
 
@@ -31,6 +33,7 @@ def train(args) -> int:
         args.input, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
         progress=not args.quiet and sys.stderr.isatty(),
         max_bytes_per_file=int(args.sample_mb * 2**20) if args.sample_mb else None,
+        on_invalid_utf8=args.on_invalid_utf8,
     )
     out = tok.save(args.output)
     print(f"tokenizer: {tok.vocab_size} tokens -> {out / 'tokenizer.json'}")
