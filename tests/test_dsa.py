@@ -8,6 +8,15 @@ from velocis.models.dsa import Indexer, indexer_kl_loss
 from velocis.models.mla import MLA
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and fair on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(**kw):
     base = dict(vocab_size=97, hidden_dim=64, num_layers=2, num_heads=4, mixer="mla", q_lora_rank=32,
                 kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, mlp_dim=96,
@@ -109,3 +118,39 @@ def test_indexer_kl_loss_trains_the_indexer():
         opt.step()
         losses.append(loss.item())
     assert losses[0] >= 0 and losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_indexer_training_through_compute_loss(mode):
+    """With set_indexer_training, compute_loss adds the indexer KL (stat "indexer_kl"); its gradient
+    reaches the indexers only, and a few steps on the indexer parameters lower it."""
+    from velocis.models import VelocisModel
+    from velocis.models.dsa import set_indexer_training
+
+    torch.manual_seed(0)
+    model = VelocisModel(_cfg(index_topk=6, aux_loss_coef=1.0)).train()
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    base_loss, base = model.compute_loss(x, x)
+    assert "indexer_kl" not in base
+    assert set_indexer_training(model, mode) == 2
+    idx_params = [p for n, p in model.named_parameters() if ".indexer." in n]
+    opt = torch.optim.Adam(idx_params, lr=1e-2)
+    kls = []
+    for step in range(8):
+        loss, stats = model.compute_loss(x, x)
+        opt.zero_grad()
+        if step == 0:
+            # the extra loss changes no gradient outside the indexers
+            torch.stack([b.mixer.last_aux_loss for b in model.layers]).sum().backward(retain_graph=True)
+            assert all(p.grad is None or p.grad.abs().max() == 0
+                       for n, p in model.named_parameters() if ".indexer." not in n)
+            assert any(p.grad is not None and p.grad.abs().max() > 0 for p in idx_params)
+            model.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(stats["indexer_kl"].item())
+    assert kls[-1] < kls[0]
+    if mode == "warmup":  # attention stays dense while warming up: the LM loss is the dense model's
+        dense = VelocisModel(_cfg(index_num_heads=0, aux_loss_coef=1.0)).train()
+        dense.load_state_dict({k: v for k, v in model.state_dict().items() if ".indexer." not in k})
+        assert torch.allclose(model.compute_loss(x, x)[1]["lm_loss"], dense.compute_loss(x, x)[1]["lm_loss"])

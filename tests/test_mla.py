@@ -10,6 +10,15 @@ from velocis.models.cache_size import kv_cache_bytes_per_token, measured_kv_cach
 from velocis.models.mla import MLA, MLACache
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and fair on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _mla_config(**kw):
     base = dict(vocab_size=97, hidden_dim=64, num_layers=3, num_heads=4, mixer="mla", q_lora_rank=32,
                 kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, mlp_dim=96,

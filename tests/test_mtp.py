@@ -2,11 +2,22 @@
 falls with the main loss, drafting, and that the modules survive save/load."""
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from velocis.config import ModelConfig
 from velocis.models import VelocisModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and fair on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 V = 64
 
@@ -48,15 +59,6 @@ def test_mtp_loss_definition_and_weighting():
 def test_mtp_micro_run_losses_fall(capsys):
     """100 AdamW steps on progressions: both the main and the MTP loss fall; then the MTP drafts
     match the true continuation most of the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a shared machine
-    try:
-        _micro_run(capsys)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _micro_run(capsys):
     torch.manual_seed(0)
     model = VelocisModel(_cfg()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -14,8 +14,14 @@ sees <= index_topk tokens all of them are kept, so attention is exactly dense th
 This follows transformers' DeepseekV32Indexer (fp32 scores; the reference implementation's
 Hadamard rotation and FP8 scoring are precision optimisations that do not change the scores' order
 in exact arithmetic). The indexer gets no gradient through the top-k (as in transformers);
-DeepSeek trains it with a separate KL objective against the main attention, see
-``indexer_kl_loss`` for that loss.
+DeepSeek trains it with a separate KL objective against the main attention (``indexer_kl_loss``).
+To train it set ``train_mode`` on the indexers (``set_indexer_training(model, mode)``):
+  "warmup"  DeepSeek's dense warm-up: attention stays dense; KL over all visible tokens
+  "sparse"  sparse training: top-k attention; KL over the selected tokens
+  None      (default) no indexer loss
+The loss reaches VelocisModel.compute_loss as the MLA part's ``last_aux_loss`` (scaled by
+aux_loss_coef like the MoE balance loss; its gradient reaches only the indexer, whose inputs are
+detached); the ``indexer_kl`` stat reports it alone.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_dim, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
+        self.train_mode: str | None = None  # None | "warmup" | "sparse" (see the module docstring)
+        self.last_kl: torch.Tensor | None = None
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -90,3 +98,32 @@ def indexer_kl_loss(index_scores: torch.Tensor, attn_probs: torch.Tensor, visibl
     logp = torch.log_softmax(index_scores.float().masked_fill(~visible, float("-inf")), dim=-1)
     kl = target * (torch.log(target.clamp(min=1e-12)) - logp.masked_fill(~visible, 0.0))
     return kl.sum(-1).mean()
+
+
+def set_indexer_training(model: nn.Module, mode: str | None) -> int:
+    """Set every indexer's train_mode (None | "warmup" | "sparse"); returns how many indexers there are."""
+    if mode not in (None, "warmup", "sparse"):
+        from velocis.errors import VelocisError
+
+        raise VelocisError(f"indexer training mode {mode!r} must be None, 'warmup' or 'sparse'")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Indexer):
+            m.train_mode, m.last_kl, n = mode, None, n + 1
+    return n
+
+
+def indexer_stats(model: nn.Module) -> dict:
+    """{"indexer_kl": mean KL of the last training forward} while indexers train, else {}."""
+    kls = [m.last_kl for m in model.modules() if isinstance(m, Indexer) and m.train_mode and m.last_kl is not None]
+    return {"indexer_kl": torch.stack(kls).mean()} if kls else {}
+
+
+def _register_stats() -> None:
+    from velocis.models.registry import STATS_HOOKS
+
+    if indexer_stats not in STATS_HOOKS:
+        STATS_HOOKS.append(indexer_stats)
+
+
+_register_stats()

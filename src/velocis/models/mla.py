@@ -118,6 +118,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, h, bias=False)
         self.rotary = RotaryEmbedding(self.rope, config.rope_theta, config.rope_scaling)
         self.scaling = mla_softmax_scale(config)
+        self.last_aux_loss = None  # the indexer's KL loss while it trains (see _indexer_loss)
         self.indexer = None
         if getattr(config, "index_num_heads", 0):
             from velocis.models.dsa import Indexer
@@ -181,13 +182,36 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, T, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         keep = None
-        if self.indexer is not None and T > self.indexer.topk:
+        idx = self.indexer
+        training_indexer = self.training and idx is not None and idx.train_mode is not None
+        if idx is not None and T > idx.topk and not (training_indexer and idx.train_mode == "warmup"):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            idx_k = self.indexer.keys(x, *rope)
-            keep = self.indexer.select(x, q_lat, idx_k, causal, rope) & causal  # [B, T, T]
+            keep = idx.select(x, q_lat, idx.keys(x, *rope), causal, rope) & causal  # [B, T, T]
+        self.last_aux_loss = None
+        if training_indexer:
+            self.last_aux_loss = self._indexer_loss(x, q, k, q_lat, keep, rope)
         if keep is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scaling)
+
+    def _indexer_loss(self, x, q, k, q_lat, keep, rope) -> torch.Tensor:
+        """DeepSeek-V3.2's indexer objective (velocis.models.dsa): KL from the main attention (summed over
+        heads, detached) to softmax of the index scores, over the visible tokens ("warmup": attention
+        stays dense) or the selected ones ("sparse"). The indexer reads detached inputs, so this loss
+        trains the indexer only."""
+        from velocis.models.dsa import indexer_kl_loss
+
+        T = x.shape[1]
+        visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if keep is None else keep
+        with torch.no_grad():
+            att = (q @ k.transpose(-1, -2)).float() * self.scaling
+            m = visible if visible.dim() == 2 else visible.unsqueeze(1)
+            probs = torch.softmax(att.masked_fill(~m, float("-inf")), dim=-1)
+        xd, qd = x.detach(), q_lat.detach()
+        scores = self.indexer.scores(xd, qd, self.indexer.keys(xd, *rope), rope)
+        loss = indexer_kl_loss(scores, probs, visible)
+        self.indexer.last_kl = loss.detach()
+        return loss
 
     def _absorbed(self, x, q_nope, q_pe, latent, k_pe, q_lat, positions, rope, cache: MLACache) -> torch.Tensor:
         """With a cache: write [c | k_pe], then attend over the cache. -> [B, H, T, v].
