@@ -166,3 +166,51 @@ def test_convert_and_export_cli(tmp_path):
     back = cls.from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         assert (ref - back(x).logits).abs().max().item() < 1e-4
+
+
+# deepseek-ai/DeepSeek-V3 config.json as published (auto_map dropped)
+V3_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_published_v3_config_is_the_preset():
+    from velocis.config import get_preset
+    from velocis.interop.hf import HF_ARCHITECTURES
+
+    cfg = HF_ARCHITECTURES["DeepseekV3ForCausalLM"].config_from_hf(V3_CONFIG)
+    preset = get_preset("deepseek-v3")
+    assert cfg.replace(init_std=preset.init_std) == preset
+    v32 = dict(V3_CONFIG, architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32",
+               index_n_heads=64, index_head_dim=128, index_topk=2048)
+    cfg32 = HF_ARCHITECTURES["DeepseekV32ForCausalLM"].config_from_hf(v32)
+    assert cfg32.replace(init_std=preset.init_std) == get_preset("deepseek-v3.2")
+
+
+def test_fp8_block_scaled_weights_are_dequantized():
+    from velocis.interop.hf_deepseek import dequantize_fp8
+
+    w = torch.randn(300, 200)
+    scale = torch.rand(3, 2) + 0.5  # ceil(300/128) x ceil(200/128) tiles
+    full = scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    fp8 = (w / full).to(torch.float8_e4m3fn)
+    out = dequantize_fp8({"a.weight": fp8, "a.weight_scale_inv": scale, "n.weight": torch.ones(3)},
+                         dtype=torch.float32)
+    assert set(out) == {"a.weight", "n.weight"}
+    assert torch.allclose(out["a.weight"], fp8.float() * full)
+    assert (out["a.weight"] - w).abs().max() < 0.07 * w.abs().max()  # e4m3 has a 3-bit mantissa

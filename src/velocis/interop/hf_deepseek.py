@@ -61,6 +61,14 @@ def interleave_rope(w: torch.Tensor, heads: int, head_dim: int, rope: int) -> to
 
 # --------------------------------------------------------------------------- configs
 def _common_from_hf(hf: dict[str, Any], kind: str) -> dict[str, Any]:
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise VelocisError(f"{kind} with scoring_func={hf.get('scoring_func')!r} / topk_method="
+                           f"{hf.get('topk_method')!r}: only sigmoid + noaux_tc (DeepSeek-V3's) is supported")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise VelocisError(f"{kind} with moe_layer_freq != 1 is not supported")
+    q = hf.get("quantization_config") or {}
+    if q and q.get("quant_method") != "fp8":
+        raise VelocisError(f"{kind}: quantization {q.get('quant_method')!r} is not supported (FP8 block-scaled is)")
     if hf.get("hidden_act", "silu") != "silu":
         raise VelocisError(f"{kind} hidden_act {hf.get('hidden_act')!r}: only silu is supported")
     if hf.get("attention_bias"):
@@ -254,8 +262,23 @@ def _layer_from_hf(sd: Tensors, hf_prefix: str, out_prefix: str, cfg: ModelConfi
             out[out_prefix + "mixer." + k] = v
 
 
+def dequantize_fp8(sd: Tensors, block: tuple[int, int] = (128, 128), dtype=torch.bfloat16) -> Tensors:
+    """DeepSeek's FP8 checkpoints: `W.weight` (float8_e4m3fn) with `W.weight_scale_inv` (fp32, one per
+    block x block tile) -> W.weight = fp8 * scale in `dtype`. Other tensors pass through."""
+    out = dict(sd)
+    for k in [k for k in sd if k.endswith(".weight_scale_inv")]:
+        w_name = k[: -len("_scale_inv")]
+        scale = out.pop(k).float()
+        w = out[w_name].float()
+        full = scale.repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
+        out[w_name] = (w * full).to(dtype)
+    return out
+
+
 def _weights_from_hf(hf_sd: Tensors, cfg: ModelConfig, interleaved: bool) -> Tensors:
     sd = dict(hf_sd)
+    if any(k.endswith(".weight_scale_inv") for k in sd):
+        sd = dequantize_fp8(sd)
     N = cfg.num_layers
     ffs = cfg.feed_forwards()
     out: Tensors = {}
