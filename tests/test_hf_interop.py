@@ -150,3 +150,16 @@ def test_mismatched_weights_are_clear(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(VelocisError, match="missing"):
         velocis.load(tmp_path / "hf", device="cpu")
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    from velocis.infer.generate import generate_ids
+
+    hf_model = _hf_model("llama", num_key_value_heads=2, initializer_range=0.2)
+    hf_model.save_pretrained(tmp_path / "hf")
+    vmodel, _ = velocis.load(tmp_path / "hf", device="cpu")
+    prompt = torch.randint(0, SHAPE["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
+    ours = torch.stack(list(generate_ids(vmodel, prompt, 20, temperature=0)), 1)
+    theirs = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[:, 6:]
+    assert ours.tolist() == theirs.tolist()
