@@ -46,3 +46,8 @@ def test_params_from_model_dir_and_errors(tmp_path, capsys):
     assert c["total"] == transformers.LlamaForCausalLM(cfg).num_parameters()
     assert main(["params", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, total", [("llama3-8b", 8_030_261_248), ("qwen2.5-0.5b", 494_032_768)])
+def test_known_model_presets(preset, total):
+    assert count_params(get_preset(preset))["total"] == total  # the published checkpoints' counts

@@ -238,6 +238,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # DeepSeek-V3.2: V3 plus DeepSeek Sparse Attention (lightning indexer: 64 heads of 128, top-2048 tokens).
 PRESETS["deepseek-v3.2"] = dict(PRESETS["deepseek-v3"], index_num_heads=64, index_head_dim=128, index_topk=2048)
+# Dense shapes of well-known open models (for `velocis params`, or as a starting point; weights
+# come from `velocis convert --from-hf`).
+PRESETS["llama3-8b"] = dict(vocab_size=128256, hidden_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                            mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False)
+PRESETS["qwen2.5-0.5b"] = dict(vocab_size=151936, hidden_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                               mlp_dim=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,
+                               tie_embeddings=True, qkv_bias=True)
 
 
 def preset_names() -> list[str]:
