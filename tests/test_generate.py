@@ -52,6 +52,24 @@ def test_stream_decoder_holds_partial_utf8():
     assert out == ["", "", "中", "a"]
 
 
+def test_stream_decoder_sentencepiece_style():
+    """Llama-2 style pieces: "▁" marks a space, the decoder strips the first one, bytes fall back."""
+    vocab = ["▁Hello", "▁world", "<0xE4>", "<0xBD>", "<0xA0>", "▁!", "ok"]
+
+    class SP:
+        def decode(self, ids):
+            b = b"".join(bytes([int(vocab[i][3:5], 16)]) if vocab[i].startswith("<0x") else
+                         vocab[i].replace("▁", " ").encode() for i in ids)
+            text = b.decode("utf-8", errors="replace")
+            return text[1:] if text.startswith(" ") else text
+
+    ids = [0, 1, 2, 3, 4, 5, 6, 1]
+    dec = StreamDecoder(SP())
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == SP().decode(ids) == "Hello world你 !ok world"
+    assert pieces[2:5] == ["", "", "你"]
+
+
 def test_api_generate_greedy_stream_and_callback(model_dir):
     model, tok = velocis.load(model_dir, device="cpu")
     assert tok is not None and model.config.bos_token_id == tok.bos_id
