@@ -233,8 +233,12 @@ def dispatch(
     xs = x[token_of]
     h = _segment_matmul(xs, gate_up, counts, offs)
     g, u = h.chunk(2, dim=-1)
-    y = _segment_matmul(F.silu(g) * u, down, counts, offs)
-    y = y * flat_w.unsqueeze(-1).to(y.dtype)
+    a = F.silu(g) * u
+    w_col = flat_w.unsqueeze(-1).to(a.dtype)
+    if a.shape[-1] < x.shape[-1]:  # fine-grained experts: scale the narrower side, down(a) * w = down(a * w)
+        y = _segment_matmul(a * w_col, down, counts, offs)
+    else:
+        y = _segment_matmul(a, down, counts, offs) * w_col
     out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
     return out, counts_t.detach().float()
 
