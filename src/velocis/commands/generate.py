@@ -7,7 +7,7 @@ import sys
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model, streaming tokens as they come")
     p.add_argument("--model", required=True, metavar="DIR", help="Velocis model / run dir or Hugging Face dir")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, help="text to continue ('-' reads it from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
@@ -24,8 +24,12 @@ def run(args) -> int:
     from velocis.infer.generate import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before the slow load
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
     model, tok = velocis.load(args.model, device=args.device)
     out = sys.stdout
+    if hasattr(out, "reconfigure"):  # a non-UTF-8 terminal shows '?' rather than crashing on Chinese
+        out.reconfigure(errors="replace")
     if not args.no_echo:
         out.write(args.prompt)
         out.flush()

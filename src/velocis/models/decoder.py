@@ -95,6 +95,9 @@ class VelocisModel(nn.Module):
         """Last block's output (before the final norm), [B, T, hidden_dim]."""
         if input_ids.dim() != 2:
             raise VelocisError(f"input_ids must be [batch, seq] token ids, got shape {tuple(input_ids.shape)}")
+        if cache is not None and input_ids.shape[0] != cache.batch_size:
+            raise VelocisError(f"batch of {input_ids.shape[0]} sequences but the cache was made for "
+                               f"{cache.batch_size}; make it with model.new_cache({input_ids.shape[0]}, ...)")
         positions = self._positions(input_ids.shape[1], cache, input_ids.device)
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
