@@ -75,24 +75,27 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "
             raise VelocisError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
     if dtype is None:  # keep the stored precision (a bf16 checkpoint stays bf16)
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    model.to(dtype).to_empty(device=device)
-    model.load_state_dict(state, strict=False, assign=False)
+    params = {k for k, _ in model.named_parameters()}
+    for k in list(state):  # one tensor at a time, and assign (no copy): the peak stays about one model
+        v = state[k]
+        cast = dtype if (k in params and v.is_floating_point()) else v.dtype  # buffers keep their dtype
+        state[k] = v.to(device=device, dtype=cast)
+    model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    _reinit_buffers(model, device)
+    _materialize_buffers(model, device)
     return model.eval()
 
 
-def _reinit_buffers(model, device) -> None:
-    """Non-persistent buffers (not in the file) are left uninitialised by to_empty: a module that has
-    them rebuilds them in `init_buffers()` (RoPE frequencies); others' are zeroed (counters)."""
+def _materialize_buffers(model, device) -> None:
+    """Buffers not in the file (RoPE frequencies, MoE load counters) are still on the meta device:
+    allocate them (zeros) and let a module that has non-zero ones rebuild them (`init_buffers()`)."""
     for m in model.modules():
+        for name, buf in list(m._buffers.items()):
+            if buf is not None and buf.is_meta:
+                m._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
         if hasattr(m, "init_buffers"):
             m.init_buffers()
-            continue
-        for name, buf in m._buffers.items():
-            if buf is not None and name in m._non_persistent_buffers_set:
-                buf.zero_()
 
 
 def load_tokenizer(path: str | Path):

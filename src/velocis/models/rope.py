@@ -88,6 +88,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.dynamic = bool(scaling) and scaling["type"] == "dynamic"
 
+    def _apply(self, fn, recurse=True):
+        # inv_freq stays fp32 whatever dtype the model is cast to (bf16 frequencies blur far positions)
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = torch.empty_like(self.inv_freq, dtype=torch.float32)
+            if not self.inv_freq.is_meta:
+                self.init_buffers()
+        return self
+
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute inv_freq in place (after building on the meta device and `to_empty`)."""
