@@ -142,3 +142,18 @@ def test_meta_device_builds_huge_configs_for_free():
     with torch.device("meta"):
         m = VelocisModel(cfg)
     assert abs(m.num_params() - 70.55e9) < 0.01e9
+
+
+def test_model_dir_without_weights_is_clear(tmp_path):
+    tiny().save(tmp_path / "config.json")
+    with pytest.raises(VelocisError, match="no model.safetensors"):
+        load_model_dir(tmp_path)
+
+
+def test_static_ntk_scales_the_base():
+    from velocis.models.rope import rope_inv_freq
+
+    plain, _ = rope_inv_freq(16, 10000.0, None)
+    ntk, _ = rope_inv_freq(16, 10000.0, {"type": "ntk", "factor": 4.0})
+    assert torch.allclose(ntk, rope_inv_freq(16, 10000.0 * 4.0 ** (16 / 14), None)[0])
+    assert ntk[0] == plain[0] and ntk[-1] < plain[-1]  # low frequencies stretched, the highest kept

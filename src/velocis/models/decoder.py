@@ -9,7 +9,6 @@ The parts come from the registries (see velocis/models/__init__.py for their con
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
