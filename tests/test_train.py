@@ -50,7 +50,7 @@ def test_short_run_writes_run_dir(data_dir, tmp_path, capsys):
     assert [r["step"] for r in train] == list(range(1, 13))
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
     evals = records(run, "eval")
-    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
     assert all(r["val_bpb"] > 0 for r in evals)
     # keep-last 2 plus best/, and the latest model at the root
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_12", "step_8"]
@@ -58,7 +58,7 @@ def test_short_run_writes_run_dir(data_dir, tmp_path, capsys):
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
         assert (d / "tokenizer.json").is_file()
     assert (run / "checkpoints" / "step_12" / "trainer_state.pt").is_file()
-    assert json.loads((run / "best" / "best.json").read_text())["val_loss"] == min(r["val_loss"] for r in evals)
+    assert json.loads((run / "best" / "best.json").read_text())["val_loss"] == min(r["val_loss"] for r in evals[1:])
     assert (run / "curves.png").stat().st_size > 1000
     # the root is a loadable model dir
     import velocis

@@ -22,6 +22,6 @@ def test_micro_val_bpb_falls_on_shared_data(tmp_path):
     assert main(argv) == 0
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
     bpb = [r["val_bpb"] for r in evals]
-    assert [r["step"] for r in evals] == [30, 60, 90]
+    assert [r["step"] for r in evals] == [0, 30, 60, 90]
     assert all(a > b for a, b in zip(bpb, bpb[1:])), bpb  # falls at every evaluation
     assert bpb[-1] < 0.95 * bpb[0], bpb

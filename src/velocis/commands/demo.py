@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--time-budget", type=float, default=3.5, metavar="MINUTES", help="training time (default 3.5)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the time budget decides)")
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=25)
@@ -67,7 +67,7 @@ def run(args) -> int:
     model, tokenizer = velocis.load(out)
     for i, prompt in enumerate(args.prompt or PROMPTS):
         text = velocis.generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=0.8, top_k=50, seed=args.seed + i)
+                                temperature=0.7, top_k=40, seed=args.seed + i)
         print(f"  > {prompt}{text}".replace("\n", " "))
     print(f"demo done in {(time.perf_counter() - t_start) / 60:.1f} min; curves: {out / 'curves.png'}; "
           f"more: velocis generate --model {out} --prompt '...'")

@@ -314,6 +314,8 @@ class Trainer:
         if self.resume_from is not None:
             monitor.note(f"resumed from {self.resume_from} at step {self.step}")
         try:
+            if self.step == 0:
+                self._eval_and_record(monitor)  # the starting point of the validation curve
             t_last = time.perf_counter()
             while not self.done():
                 t0 = time.perf_counter()
@@ -367,7 +369,7 @@ class Trainer:
         rec = {"type": "eval", "step": self.step, "val_loss": val_loss, "val_bpb": bpb}
         self.metrics.write(rec)
         monitor.eval(rec)
-        if val_loss < self.best_val:
+        if val_loss < self.best_val and self.step > 0:
             self.best_val = val_loss
             ckpt_io.save_best(self.run_dir, self.model, self.tokenizer,
                               {"step": self.step, "val_loss": val_loss, "val_bpb": bpb})
