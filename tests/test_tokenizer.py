@@ -157,3 +157,24 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(VelocisError, match="not a valid tokenizer.json"):
         Tokenizer.load(tmp_path)
+
+
+def test_load_foreign_tokenizer_finds_its_special_tokens(tmp_path):
+    """A Llama/Qwen-style tokenizer.json: special tokens found by tokenizer_config.json, else by name."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 2, None)  # Qwen-like: no BOS
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}))
+    tok = Tokenizer.load(tmp_path)
+    assert (tok.eos_id, tok.pad_id) == (4, 2)
+    assert tok.encode("ab", add_eos=True) == [0, 1, 4]
+    with pytest.raises(VelocisError, match="no beginning-of-text"):
+        tok.encode("a", add_bos=True)
