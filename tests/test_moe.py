@@ -225,3 +225,21 @@ def test_unaligned_expert_width_falls_back_to_loop():
     gu, dn = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
     out, _ = dispatch(x, w, idx, gu, dn)
     assert torch.allclose(out, naive_moe_experts(x, w, idx, gu, dn), atol=1e-5)
+
+
+def test_moe_model_cached_decoding_matches_full_forward():
+    from velocis.models import VelocisModel
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(num_layers=3, first_dense_layers=1, num_shared_experts=1, router_score="sigmoid",
+                   num_expert_groups=4, topk_groups=2, routed_scaling_factor=2.0, balance="aux_free")
+    model = VelocisModel(cfg).eval()
+    with torch.no_grad():
+        for layer in model.layers[1:]:
+            layer.feed_forward.gate.e_score_correction_bias.normal_(0, 0.05)
+        ids = torch.randint(0, cfg.vocab_size, (2, 12))
+        full = model(ids)
+        cache = model.new_cache(2, 16)
+        steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    assert model.config.feed_forwards() == ["mlp", "moe", "moe"]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
