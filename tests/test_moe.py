@@ -243,3 +243,17 @@ def test_moe_model_cached_decoding_matches_full_forward():
         steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
     assert model.config.feed_forwards() == ["mlp", "moe", "moe"]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_moe_model_under_torch_compile_matches_eager():
+    from velocis.models import VelocisModel
+
+    torch.manual_seed(0)
+    m = VelocisModel(tiny_cfg(balance="aux_loss")).train()
+    x = torch.randint(0, 64, (2, 16))
+    eager, _ = m.compute_loss(x, x)
+    compiled = torch.compile(lambda a, b: m.compute_loss(a, b))
+    loss, stats = compiled(x, x)
+    loss.backward()
+    assert abs(loss.item() - eager.item()) < 1e-5 and stats["expert_imbalance"] >= 1.0

@@ -227,7 +227,12 @@ def dispatch(
         kept_counts_t = counts_t
     # torch._grouped_mm needs 16-byte-aligned row strides: hidden and expert widths times the element size
     aligned = all(d * x.element_size() % 16 == 0 for d in (x.shape[-1], down.shape[-1]))
-    use_grouped = impl == "grouped" or (impl == "auto" and aligned and _grouped_mm_available(x.device, x.dtype))
+    if torch.compiler.is_compiling():
+        # the fake-tensor kernel of _grouped_mm accepts only bf16; elsewhere trace the loop (a graph break)
+        usable = aligned and x.dtype == torch.bfloat16 and x.device.type == "cuda"
+    else:
+        usable = aligned and _grouped_mm_available(x.device, x.dtype)
+    use_grouped = impl == "grouped" or (impl == "auto" and usable)
     offs = torch.cumsum(kept_counts_t, 0).to(torch.int32) if use_grouped else None
     counts = None if use_grouped else kept_counts_t.tolist()  # the loop needs sizes on the host
     xs = x[token_of]
@@ -386,6 +391,7 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).mean()
 
 
+@torch.compiler.disable  # host-side numbers for the logs: never traced
 def moe_stats(model: nn.Module) -> dict:
     """Expert load of the last forward: per-layer tokens per expert and imbalance (max / mean).
 
