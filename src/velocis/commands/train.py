@@ -82,7 +82,7 @@ SHAPE_FIELDS = ("hidden_dim", "num_layers", "num_heads", "num_kv_heads", "head_d
 
 def register(sub) -> None:
     for name, preset, help_ in (
-        ("train-micro", "micro", "train the ~10M-parameter micro model (minutes on a CPU)"),
+        ("train-micro", "micro", "train the micro model (d256 x 6 layers; minutes on a CPU)"),
         ("train-small", "small", "train the small sparse-MoE model (wants a GPU)"),
         ("train-custom", None, "train a model of any shape (flags on top of --preset, default micro)"),
         ("train", None, "train a named --preset"),
