@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# Openings the built-in corpus uses, so a few minutes of training can continue them.
-PROMPTS = ["从前，有一只", "桌子上有", "Once upon a time, there was", "The capital of"]
+# Openings the built-in corpus uses, so a few minutes of training can continue them. The Chinese
+# ones end on a token boundary (BPE merges whole Chinese phrases; a prompt cut mid-token derails).
+PROMPTS = ["从前", "桌子上有十个", "Once upon a time", "The capital of"]
 
 
 def register(sub) -> None:
