@@ -52,9 +52,10 @@ class Contestant:
         self.times: list[float] = []
         self.setup_s = 0.0
 
-    def step(self, x, y) -> float:
+    def step(self, x, y, autocast: bool = False) -> float:
         t = time.perf_counter()
-        loss = self.loss_fn(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = self.loss_fn(x, y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--hf-compile", action="store_true", help="also time torch.compile'd transformers Llama")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU for every contestant (fp32 weights)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,14 +113,14 @@ def main() -> None:
 
     for c in contestants:  # warmup; the first compiled step is the compile
         t = time.perf_counter()
-        c.step(x, y)
+        c.step(x, y, args.bf16)
         c.setup_s = time.perf_counter() - t
         for _ in range(args.warmup - 1):
-            c.step(x, y)
+            c.step(x, y, args.bf16)
     for r in range(args.rounds):  # alternate so that machine noise hits everyone alike
         for c in contestants if r % 2 == 0 else reversed(contestants):
             for _ in range(args.steps):
-                c.times.append(c.step(x, y))
+                c.times.append(c.step(x, y, args.bf16))
 
     tokens = args.batch * args.seq_len
     base = statistics.median(contestants[0].times)
@@ -126,7 +128,8 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"# preset {args.preset}: velocis {n_vel / 1e6:.2f}M params, transformers {n_hf / 1e6:.2f}M params; "
-          f"batch {args.batch} x {args.seq_len} = {tokens} tokens/step; fp32; AdamW "
+          f"batch {args.batch} x {args.seq_len} = {tokens} tokens/step; "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}; AdamW "
           f"{'fused' if contestants[0].opt.defaults.get('fused') else 'foreach'}; "
           f"{args.rounds} rounds x {args.steps} steps, median")
     print()
