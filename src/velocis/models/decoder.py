@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
+from velocis.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from velocis.models.layers import RMSNorm
 from velocis.models.registry import FEED_FORWARDS, MIXERS, STATS_HOOKS
 
@@ -54,6 +54,9 @@ class Cache:
 
 
 class VelocisModel(nn.Module):
+    # compute_loss's LM head + cross-entropy: the chunked kernel (False: the plain reference)
+    fused_loss: bool = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -108,6 +111,13 @@ class VelocisModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
+    def head_loss(self, h_normed: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of lm_head(h_normed) [B, T, H] against targets [B, T]."""
+        h2, t = h_normed.reshape(-1, h_normed.shape[-1]), targets.reshape(-1)
+        if self.fused_loss:  # chunked: the [B*T, vocab] logits never exist at once
+            return linear_cross_entropy(h2, self.lm_head.weight, t, ignore_index)
+        return linear_cross_entropy_reference(h2, self.lm_head.weight, t, ignore_index)
+
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]. With a cache, input_ids continue the cached tokens."""
         return self.logits(self.hidden_states(input_ids, cache))
@@ -116,9 +126,7 @@ class VelocisModel(nn.Module):
         """(loss to back-propagate, stats). Adds aux_loss_coef * mean part aux loss (MoE balance)
         and mtp_loss_weight * MTP loss when the model has them."""
         h = self.hidden_states(input_ids)
-        logits = self.logits(h)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                  ignore_index=ignore_index)
+        lm_loss = self.head_loss(self.norm(h), targets, ignore_index)
         loss, stats = lm_loss, {"lm_loss": lm_loss.detach()}
         aux = [p.last_aux_loss for b in self.layers for p in (b.mixer, b.feed_forward)
                if getattr(p, "last_aux_loss", None) is not None]

@@ -21,7 +21,6 @@ checkpoint so an inference engine can use them to draft tokens (self-speculative
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from velocis.models.layers import RMSNorm
@@ -68,9 +67,7 @@ class MTP(nn.Module):
                 break
             positions = torch.arange(T - k, device=input_ids.device)  # i: see MTP.logits on positions
             h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), positions)
-            logits = model.lm_head(h)
-            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets[:, k:].reshape(-1),
-                                          ignore_index=ignore_index))
+            losses.append(model.head_loss(h, targets[:, k:], ignore_index))
         if not losses:
             return h.sum() * 0.0
         return torch.stack(losses).mean()

@@ -1,0 +1,107 @@
+"""Fused output projection + cross-entropy, in row chunks (the fast path of the LM loss).
+
+Reference (what the tests hold this to):
+
+    F.cross_entropy((h @ weight.T).float(), targets, ignore_index=ignore_index)
+
+The reference materialises [N, vocab] logits, their log-softmax, and in backward a zero-filled
+gradient of the same size plus the log-softmax gradient: for a 4096-token batch and an 8K vocab that
+is ~0.5 GB of memory traffic per step, a third of a small model's CPU step. Here each chunk of rows
+computes its logits, the loss and the logits' gradient (softmax - one-hot) in place while the chunk
+is still in cache, and folds it straight into grad_h and grad_weight; backward only scales the
+stored gradients. This is the approach of Liger-Kernel's fused linear cross-entropy.
+
+Matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), the softmax in fp32, and
+grad_weight accumulates in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows per chunk: ~4M logits (16 MB fp32) keeps a chunk near the L3 cache and its matmuls large.
+CHUNK_LOGITS = 1 << 22
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    return max(128, min(1024, CHUNK_LOGITS // vocab_size))
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return h.dtype
+
+
+def _valid_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, torch.zeros_like(targets))
+
+
+def _chunk_logits(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (hc @ w.t()).float()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_rows, compute_dtype):
+        valid, safe_t = _valid_targets(targets, ignore_index)
+        n_valid = valid.sum().clamp(min=1).to(torch.float32)
+        w = weight.to(compute_dtype)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc = h[s:s + chunk_rows].to(compute_dtype)
+            logits = _chunk_logits(hc, w)
+            t, v = safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows]
+            target_logit = logits.gather(1, t).squeeze(1)
+            # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = row_max.squeeze(1) + row_sum.log().squeeze(1)
+            loss += ((lse - target_logit) * v).sum()
+            if not need_grad:
+                continue
+            # d loss / d logits = (softmax - one_hot) * valid / n_valid, built in place
+            probs.mul_(v.to(probs.dtype)[:, None] / (row_sum * n_valid))
+            probs.scatter_add_(1, t, -(v.to(probs.dtype) / n_valid)[:, None])
+            g = probs.to(compute_dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` over non-ignored rows.
+
+    h [N, H] (already normed), weight [vocab, H], targets [N] (long). Same value and gradients as
+    the reference above; the [N, vocab] logits never exist at once.
+    """
+    if h.dim() != 2 or targets.shape != h.shape[:1]:
+        raise ValueError(f"h must be [N, H] and targets [N]; got {tuple(h.shape)} and {tuple(targets.shape)}")
+    compute_dtype = _compute_dtype(h)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, compute_dtype)
+
+
+def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   ignore_index: int = -100) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index)
