@@ -35,7 +35,7 @@ def data_dir(tmp_path_factory) -> Path:
 def velocis_cmd(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "velocis", "train-custom", "--data", str(data_dir), "--output-dir", str(out),
             *TINY, "--batch-size", "8", "--seq-len", "64", "--max-steps", "60", "--save-every", "5",
-            "--eval-every", "10", "--eval-batches", "2", "--keep-last", "3", "--device", "cpu",
+            "--eval-every", "10", "--eval-batches", "2", "--keep-last", "3", "--device", "cpu", "--precision", "fp32",
             "--threads", "1", "--monitor", "plain", "--no-plot", *extra]
 
 

@@ -191,3 +191,54 @@ def test_compiled_run_matches_eager_start(data_dir, tmp_path, capsys):
     eager, compiled = records(tmp_path / "eager", "train"), records(tmp_path / "compiled", "train")
     for a, b in zip(eager, compiled):
         assert abs(a["loss"] - b["loss"]) < 1e-3, (a, b)
+
+
+def test_precision_auto_follows_the_hardware_and_can_be_forced():
+    import torch
+
+    from velocis.train.loop import autocast_for, hardware_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if hardware_bf16(cpu) else "fp32")
+    with autocast_for(cpu, "bf16"):
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
+    with autocast_for(cpu, "fp32"):
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.float32
+
+
+def test_unknown_precision_is_named(tmp_path):
+    import pytest
+
+    from velocis.errors import VelocisError
+    from velocis.train.config import TrainConfig
+
+    with pytest.raises(VelocisError, match="--precision 'fp8'"):
+        TrainConfig(output_dir=str(tmp_path), data_dir=str(tmp_path), max_steps=1, precision="fp8")
+
+
+def test_time_budget_running_out_during_eval_still_saves_the_model(data_dir, tmp_path, monkeypatch):
+    """Regression: the budget crossed during the last step's eval ended the loop before any save."""
+    import time
+
+    from velocis.config import get_preset
+    from velocis.tokenizer import Tokenizer
+    from velocis.train.config import TrainConfig
+    from velocis.train.loop import Trainer, train
+
+    original = Trainer._eval_and_record
+
+    def slow_eval(self, monitor):
+        original(self, monitor)
+        if self.step > 0:
+            time.sleep(1.0)  # push elapsed past the budget after the save check of this step
+
+    monkeypatch.setattr(Trainer, "_eval_and_record", slow_eval)
+    tok = Tokenizer.load(data_dir)
+    mc = get_preset("micro", vocab_size=tok.vocab_size, hidden_dim=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    mlp_dim=64, max_seq_len=32)
+    run = tmp_path / "budget"
+    cfg = TrainConfig(output_dir=str(run), data_dir=str(data_dir), time_budget=0.5 / 60, batch_size=2, seq_len=16,
+                      device="cpu", monitor="none", plot=False, save_every=1000, eval_every=1, eval_batches=1)
+    train(cfg, mc)
+    assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()

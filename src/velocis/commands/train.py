@@ -44,6 +44,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--eval-every", type=int, default=100)
@@ -140,6 +142,7 @@ def run(args) -> int:
         batch_size=args.batch_size or d["batch_size"], grad_accum=args.grad_accum, seq_len=seq_len,
         lr=args.lr or d["lr"], min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, device=args.device, compile=args.compile,
+        precision=args.precision,
         seed=args.seed, threads=args.threads, eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every, monitor=args.monitor,
         plot=not args.no_plot,

@@ -22,7 +22,13 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = self.weight * x.to(dtype)
+        device = y.device.type
+        if torch.is_autocast_enabled(device):
+            # the next op is a matmul that casts anyway: cast once here, not once per projection
+            # (q/k/v, gate/up each cast the same input) and once per projection again in backward
+            y = y.to(torch.get_autocast_dtype(device))
+        return y
 
 
 @register_feed_forward("mlp")

@@ -38,6 +38,9 @@ class TrainConfig:
     # --- execution ---
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False
+    # "auto": bf16 autocast (fp32 master weights) where matmuls have bf16 hardware (CUDA with bf16,
+    # CPUs with AVX512-BF16 or AMX), else fp32. "fp32" / "bf16" force one.
+    precision: str = "auto"
     seed: int = 1337
     threads: int | None = None  # torch CPU threads; None = torch's default
 
@@ -70,6 +73,8 @@ class TrainConfig:
             bad(f"--lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
             bad(f"--schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad(f"--precision {self.precision!r} is unknown; choose auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             bad(f"--device {self.device!r} is unknown; choose auto, cpu or cuda")
         if self.monitor not in ("auto", "live", "plain", "none"):

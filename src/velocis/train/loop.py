@@ -56,10 +56,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    # bf16 where the hardware has it (keeps fp32 master weights); CPU trains in plain fp32.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def hardware_bf16(device: torch.device) -> bool:
+    """Does this device multiply bf16 matrices natively (faster than fp32, not emulated)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # AVX512-BF16 (Zen 4, Cooper Lake+) or AMX (Sapphire Rapids+)
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if hardware_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str):
+    # bf16 autocast keeps fp32 master weights and optimizer state; "fp32" runs plain.
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -123,6 +138,7 @@ class Trainer:
             )
 
         self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
 
@@ -242,7 +258,7 @@ class Trainer:
         stats: dict[str, Any] = {}
         for _ in range(self.cfg.grad_accum):
             batch = self._next_batch()
-            with autocast_for(self.device):
+            with autocast_for(self.device, self.precision):
                 loss, stats = self.loss_fn(batch)
             (loss / self.cfg.grad_accum).backward()
             total += loss.detach()
@@ -275,7 +291,7 @@ class Trainer:
         for i, (x, y) in enumerate(self.val_loader):
             if i >= self.cfg.eval_batches:
                 break
-            with autocast_for(self.device):
+            with autocast_for(self.device, self.precision):
                 loss, stats = self.loss_fn((x.to(self.device), y.to(self.device)))
             lm = stats.get("lm_loss", loss)  # bpb measures the language model, not aux losses
             losses.append(float(lm))
@@ -302,7 +318,7 @@ class Trainer:
         if not cfg.max_steps and not cfg.time_budget:
             raise VelocisError("give --max-steps or --time-budget (or both) so the run knows when to stop")
         n_params = sum(p.numel() for p in self.model.parameters())
-        title = (f"velocis train · {self.run_dir} · {n_params / 1e6:.1f}M params · {self.device.type}"
+        title = (f"velocis train · {self.run_dir} · {n_params / 1e6:.1f}M params · {self.device.type} {self.precision}"
                  f" · batch {cfg.batch_size}x{cfg.seq_len}x{cfg.grad_accum}")
         monitor = make_monitor(cfg.monitor, title, cfg.max_steps, cfg.log_every)
         (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -347,6 +363,10 @@ class Trainer:
                 now = time.perf_counter()
                 self.elapsed += now - t_last
                 t_last = now
+            if self.step > 0 and last_save != self.step:
+                # the time budget ran out during this step's eval/bookkeeping: still save the end
+                path = self.save()
+                monitor.note(f"saved {path}")
         except KeyboardInterrupt:
             if self.step > 0 and last_save != self.step:
                 monitor.note("interrupted: saving a checkpoint…")
