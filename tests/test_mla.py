@@ -10,13 +10,7 @@ from velocis.models.cache_size import kv_cache_bytes_per_token, measured_kv_cach
 from velocis.models.mla import MLA, MLACache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and fair on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mla_config(**kw):

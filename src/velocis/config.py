@@ -210,7 +210,7 @@ class ModelConfig:
 # ---------------------------------------------------------------------------
 # Named presets. Each is a function so that a preset never shares mutable state.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~10M parameters: the demo / train-micro model, learns on 2 CPU cores in minutes.
+    # 6.5M parameters (5.5M with the demo's smaller vocabulary): the train-micro model; learns on 2 CPU cores in minutes.
     "micro": dict(vocab_size=8192, hidden_dim=256, num_layers=6, num_heads=4, num_kv_heads=2,
                   mlp_dim=704, max_seq_len=512, tie_embeddings=True),
     # sparse MoE, ~125.0M total / ~48.3M activated per token (31.9M without the tied embedding):
