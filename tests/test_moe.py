@@ -257,3 +257,21 @@ def test_moe_model_under_torch_compile_matches_eager():
     loss, stats = compiled(x, x)
     loss.backward()
     assert abs(loss.item() - eager.item()) < 1e-5 and stats["expert_imbalance"] >= 1.0
+
+
+def test_moe_model_trains_under_bf16_autocast():
+    """Experts run in bf16 under autocast (torch._grouped_mm is not an autocast op); routing stays fp32."""
+    from velocis.config import get_preset
+    from velocis.models import VelocisModel
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro").replace(vocab_size=128, hidden_dim=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                                      num_experts=4, num_experts_per_token=2, moe_dim=32, max_seq_len=32)
+    model = VelocisModel(cfg)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.compute_loss(x, torch.roll(x, -1, 1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    fp32, _ = model.compute_loss(x, torch.roll(x, -1, 1))
+    assert abs(loss.item() - fp32.item()) < 0.05

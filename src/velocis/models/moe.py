@@ -131,7 +131,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float64:
             return F.linear(x, self.weight.to(x.dtype))
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing scores in fp32, as DeepSeek-V3
+            return F.linear(x.float(), self.weight.float())
 
 
 # ---------------------------------------------------------------------------
@@ -212,6 +213,11 @@ def dispatch(
     """
     n, k = indices.shape
     num_experts = gate_up.shape[0]
+    # torch._grouped_mm is outside autocast's op list: cast here (bf16 experts under autocast)
+    dev = x.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    out_dtype, x = x.dtype, x.to(compute_dtype)
+    gate_up, down = gate_up.to(compute_dtype), down.to(compute_dtype)
     flat_e = indices.reshape(-1)
     order = torch.argsort(flat_e, stable=True)  # (token, slot) pairs grouped by expert, token order kept
     counts_t = torch.bincount(flat_e, minlength=num_experts)
@@ -244,7 +250,7 @@ def dispatch(
         y = _segment_matmul(a * w_col, down, counts, offs)
     else:
         y = _segment_matmul(a, down, counts, offs) * w_col
-    out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+    out = torch.zeros_like(x, dtype=out_dtype).index_add_(0, token_of, y.to(out_dtype))
     return out, counts_t.detach().float()
 
 
