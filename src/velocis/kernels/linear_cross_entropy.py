@@ -43,41 +43,46 @@ def _chunk_logits(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (hc @ w.t()).float()
 
 
+def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, want_grad_h, want_grad_w):
+    """(mean loss, d loss/d h or None, d loss/d weight (fp32) or None), one chunk of rows at a time."""
+    valid, safe_t = _valid_targets(targets, ignore_index)
+    n_valid = valid.sum().clamp(min=1).to(torch.float32)
+    w = weight.to(compute_dtype)
+    grad_h = torch.empty_like(h) if want_grad_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk_rows):
+        hc = h[s:s + chunk_rows].to(compute_dtype)
+        logits = _chunk_logits(hc, w)
+        t, v = safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows]
+        target_logit = logits.gather(1, t).squeeze(1)
+        # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
+        row_max = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()
+        row_sum = probs.sum(dim=-1, keepdim=True)
+        lse = row_max.squeeze(1) + row_sum.log().squeeze(1)
+        loss += ((lse - target_logit) * v).sum()
+        if not (want_grad_h or want_grad_w):
+            continue
+        # d loss / d logits = (softmax - one_hot) * valid / n_valid, built in place
+        probs.mul_(v.to(probs.dtype)[:, None] / (row_sum * n_valid))
+        probs.scatter_add_(1, t, -(v.to(probs.dtype) / n_valid)[:, None])
+        g = probs.to(compute_dtype)
+        if grad_h is not None:
+            grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)
+        if grad_w is not None:
+            grad_w += (g.t() @ hc).float()
+    return loss / n_valid, grad_h, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, chunk_rows, compute_dtype):
-        valid, safe_t = _valid_targets(targets, ignore_index)
-        n_valid = valid.sum().clamp(min=1).to(torch.float32)
-        w = weight.to(compute_dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk_rows):
-            hc = h[s:s + chunk_rows].to(compute_dtype)
-            logits = _chunk_logits(hc, w)
-            t, v = safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows]
-            target_logit = logits.gather(1, t).squeeze(1)
-            # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
-            row_max = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()
-            row_sum = probs.sum(dim=-1, keepdim=True)
-            lse = row_max.squeeze(1) + row_sum.log().squeeze(1)
-            loss += ((lse - target_logit) * v).sum()
-            if not need_grad:
-                continue
-            # d loss / d logits = (softmax - one_hot) * valid / n_valid, built in place
-            probs.mul_(v.to(probs.dtype)[:, None] / (row_sum * n_valid))
-            probs.scatter_add_(1, t, -(v.to(probs.dtype) / n_valid)[:, None])
-            g = probs.to(compute_dtype)
-            if grad_h is not None:
-                grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)
-            if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
+        loss, grad_h, grad_w = _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype,
+                                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return loss / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -99,6 +104,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     compute_dtype = _compute_dtype(h)
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     with torch.autocast(h.device.type, enabled=False):
+        if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+            return _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, False, False)[0]
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, compute_dtype)
 
 
