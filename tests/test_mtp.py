@@ -126,3 +126,17 @@ def test_mtp_cached_step_matches_full_sequence():
             outs.append(model.mtp.logits(model, h[:, i:i + 1], x[:, i + 1:i + 2], depth=1,
                                          positions=torch.tensor([i]), cache=cache)[0])
     assert (torch.cat(outs, dim=1) - ref).abs().max().item() < 1e-4
+
+
+def test_mtp_moe_blocks_join_the_balance_loss():
+    """The MTP block's MoE (DeepSeek-V3: same parts as the last layer) is balanced like the main ones."""
+    torch.manual_seed(0)
+    cfg = _cfg(num_experts=4, num_experts_per_token=2, moe_dim=32, balance="aux_loss", aux_loss_coef=0.01,
+               mtp_depth=1)
+    model = VelocisModel(cfg).train()
+    x, y = _progressions(2, 16, torch.Generator().manual_seed(0))
+    _, stats = model.compute_loss(x, y)
+    parts = [b.feed_forward for b in list(model.layers) + [layer.block for layer in model.mtp.layers]]
+    aux = [p.last_aux_loss for p in parts if getattr(p, "last_aux_loss", None) is not None]
+    assert len(aux) == cfg.num_layers + 1  # every main MoE layer and the MTP block's
+    torch.testing.assert_close(stats["aux_loss"], torch.stack(aux).mean().detach())

@@ -128,16 +128,19 @@ class VelocisModel(nn.Module):
         h = self.hidden_states(input_ids)
         lm_loss = self.head_loss(self.norm(h), targets, ignore_index)
         loss, stats = lm_loss, {"lm_loss": lm_loss.detach()}
-        aux = [p.last_aux_loss for b in self.layers for p in (b.mixer, b.feed_forward)
+        blocks = list(self.layers)
+        if self.mtp is not None and self.training:
+            mtp_loss = self.mtp(h, input_ids, targets, self)
+            loss = loss + self.config.mtp_loss_weight * mtp_loss
+            stats["mtp_loss"] = mtp_loss.detach()
+            # the MTP blocks' parts (e.g. their MoE) balance like the main model's; only depths that ran
+            blocks += [layer.block for layer in self.mtp.layers[: max(input_ids.shape[1] - 1, 0)]]
+        aux = [p.last_aux_loss for b in blocks for p in (b.mixer, b.feed_forward)
                if getattr(p, "last_aux_loss", None) is not None]
         if aux:
             aux_loss = torch.stack(aux).mean()
             loss = loss + self.config.aux_loss_coef * aux_loss
             stats["aux_loss"] = aux_loss.detach()
-        if self.mtp is not None and self.training:
-            mtp_loss = self.mtp(h, input_ids, targets, self)
-            loss = loss + self.config.mtp_loss_weight * mtp_loss
-            stats["mtp_loss"] = mtp_loss.detach()
         for hook in STATS_HOOKS:
             stats.update(hook(self))
         return loss, stats
