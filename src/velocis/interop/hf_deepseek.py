@@ -37,6 +37,7 @@ from velocis.config import ModelConfig
 from velocis.errors import VelocisError
 from velocis.interop.hf import (HF_ARCHITECTURES, Converter, _eos, name_from_hf, name_to_hf, rope_from_hf,
                                 rope_to_hf)
+from velocis.interop.hf_moe import pop_stacked_experts
 
 Tensors = dict[str, torch.Tensor]
 
@@ -202,21 +203,6 @@ def _exportable(cfg: ModelConfig, sparse: bool) -> bool:
 _MTP_OWN = {"enorm.": "enorm.", "hnorm.": "hnorm.", "eh_proj.": "eh_proj.", "shared_head.norm.": "norm."}
 
 
-def _experts_from_hf(sd: Tensors, prefix: str, num_experts: int) -> Tensors:
-    """HF expert tensors under prefix ("...mlp.") -> {"experts.gate_up_proj", "experts.down_proj"} (pops them)."""
-    if prefix + "experts.gate_up_proj" in sd:
-        return {"experts.gate_up_proj": sd.pop(prefix + "experts.gate_up_proj"),
-                "experts.down_proj": sd.pop(prefix + "experts.down_proj")}
-    try:
-        g = [sd.pop(f"{prefix}experts.{j}.gate_proj.weight") for j in range(num_experts)]
-        u = [sd.pop(f"{prefix}experts.{j}.up_proj.weight") for j in range(num_experts)]
-        d = [sd.pop(f"{prefix}experts.{j}.down_proj.weight") for j in range(num_experts)]
-    except KeyError as e:
-        raise VelocisError(f"checkpoint lacks expert weight {e.args[0]}; is it a complete DeepSeek checkpoint?") from None
-    return {"experts.gate_up_proj": torch.stack([torch.cat([a, b], 0) for a, b in zip(g, u)]),
-            "experts.down_proj": torch.stack(d)}
-
-
 def _mla_from_hf(t: dict[str, torch.Tensor], cfg: ModelConfig, interleaved: bool) -> None:
     """Permute the rope rows of one layer's MLA tensors (names relative to the mixer) in place."""
     if not interleaved:
@@ -240,7 +226,7 @@ def _layer_from_hf(sd: Tensors, hf_prefix: str, out_prefix: str, cfg: ModelConfi
                    interleaved: bool) -> None:
     """One HF decoder layer (tensors under hf_prefix, e.g. 'model.layers.3.') -> Velocis block tensors."""
     if ff == "moe":
-        for k, v in _experts_from_hf(sd, hf_prefix + "mlp.", cfg.num_experts).items():
+        for k, v in pop_stacked_experts(sd, hf_prefix + "mlp.", cfg.num_experts, model="DeepSeek").items():
             out[out_prefix + "feed_forward." + k] = v
         bias_key = hf_prefix + "mlp.gate.e_score_correction_bias"
         out[out_prefix + "feed_forward.gate.e_score_correction_bias"] = sd.pop(

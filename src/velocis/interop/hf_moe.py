@@ -138,24 +138,31 @@ def to_qwen3_moe_config(cfg: ModelConfig) -> dict[str, Any]:
 # expert weights
 
 
+def pop_stacked_experts(sd: dict[str, torch.Tensor], prefix: str, num_experts: int,
+                        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                        model: str = "MoE") -> dict[str, torch.Tensor]:
+    """HF expert tensors under ``prefix`` -> {"experts.gate_up_proj" [E, 2I, H], "experts.down_proj" [E, H, I]}
+    from transformers 5's fused layout or per-expert ``experts.{j}.<name>.weight`` tensors. Pops them."""
+    if prefix + "experts.gate_up_proj" in sd:  # transformers 5 fused layout
+        return {"experts.gate_up_proj": sd.pop(prefix + "experts.gate_up_proj"),
+                "experts.down_proj": sd.pop(prefix + "experts.down_proj")}
+    g, u, d = names
+    try:
+        gates = [sd.pop(f"{prefix}experts.{j}.{g}.weight") for j in range(num_experts)]
+        ups = [sd.pop(f"{prefix}experts.{j}.{u}.weight") for j in range(num_experts)]
+        downs = [sd.pop(f"{prefix}experts.{j}.{d}.weight") for j in range(num_experts)]
+    except KeyError as e:
+        raise VelocisError(f"checkpoint lacks expert weight {e.args[0]}; is it a complete {model} checkpoint?") from None
+    return {"experts.gate_up_proj": torch.stack([torch.cat([a, b], 0) for a, b in zip(gates, ups)]),
+            "experts.down_proj": torch.stack(downs)}
+
+
 def experts_from_hf(sd: dict[str, torch.Tensor], prefix: str, kind: str, num_experts: int) -> dict[str, torch.Tensor]:
     """HF tensors under ``prefix`` (e.g. "model.layers.3.block_sparse_moe.") -> Velocis MoE tensors
     (relative names gate.weight, gate.e_score_correction_bias, experts.gate_up_proj, experts.down_proj).
     Pops what it uses from ``sd``."""
     out = {"gate.weight": sd.pop(prefix + "gate.weight")}
-    if prefix + "experts.gate_up_proj" in sd:  # transformers 5 fused layout
-        out["experts.gate_up_proj"] = sd.pop(prefix + "experts.gate_up_proj")
-        out["experts.down_proj"] = sd.pop(prefix + "experts.down_proj")
-    else:
-        g, u, d = EXPERT_NAMES[kind]
-        try:
-            gates = [sd.pop(f"{prefix}experts.{j}.{g}.weight") for j in range(num_experts)]
-            ups = [sd.pop(f"{prefix}experts.{j}.{u}.weight") for j in range(num_experts)]
-            downs = [sd.pop(f"{prefix}experts.{j}.{d}.weight") for j in range(num_experts)]
-        except KeyError as e:
-            raise VelocisError(f"checkpoint lacks expert weight {e.args[0]}; is it a complete {kind} checkpoint?") from None
-        out["experts.gate_up_proj"] = torch.stack([torch.cat([a, b], 0) for a, b in zip(gates, ups)])
-        out["experts.down_proj"] = torch.stack(downs)
+    out.update(pop_stacked_experts(sd, prefix, num_experts, EXPERT_NAMES[kind], kind))
     out["gate.e_score_correction_bias"] = sd.pop(
         prefix + "gate.e_score_correction_bias", torch.zeros(num_experts, dtype=out["gate.weight"].dtype))
     return out
