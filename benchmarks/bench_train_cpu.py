@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from velocis.config import get_preset
+from velocis.train.loop import hardware_bf16, resolve_precision
 
 
 def hf_llama(cfg):
@@ -127,7 +128,7 @@ def main() -> None:
     tokens = args.batch * args.seq_len
     print(f"# bench_train_cpu  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; bf16 matmul in hardware: {torch.cpu._is_avx512_bf16_supported()}")
+          f"{torch.get_num_threads()} threads; bf16 matmul in hardware: {hardware_bf16(torch.device('cpu'))}")
     header = True
     results = {}  # (precision, contestant) -> (median, best)
     for precision in precisions:
@@ -153,8 +154,6 @@ def main() -> None:
 
     # What each user gets without flags: transformers trains in fp32 on a CPU; `velocis train`'s
     # --precision auto picks bf16 autocast on a CPU with bf16 hardware (fp32 elsewhere).
-    from velocis.train.loop import resolve_precision
-
     auto = resolve_precision("auto", torch.device("cpu"))
     hf_key, vel_key = ("fp32", "transformers Llama (eager)"), (auto, "velocis (eager)")
     if hf_key in results and vel_key in results:
