@@ -326,7 +326,8 @@ class Trainer:
         first_loss = last_loss = None
         window: deque[float] = deque(maxlen=20)  # recent step times, for tokens/s and the ETA
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        last_save = -1
+        # a resumed run starts from a saved step: nothing to save or evaluate again there
+        last_save = last_eval = self.step if self.resume_from is not None else -1
         monitor.start()
         if self.resume_from is not None:
             monitor.note(f"resumed from {self.resume_from} at step {self.step}")
@@ -355,19 +356,22 @@ class Trainer:
                            stats={k: v for k, v in stats.items() if k != "lm_loss"})
                 monitor.train(rec)
 
-                if self.step % cfg.eval_every == 0 or self.done():
+                if self.step % cfg.eval_every == 0:
                     self._eval_and_record(monitor)
-                if self.step % cfg.save_every == 0 or self.done():
-                    path = self.save()
+                    last_eval = self.step
+                if self.step % cfg.save_every == 0:
+                    monitor.note(f"saved {self.save()}")
                     last_save = self.step
-                    monitor.note(f"saved {path}")
                 now = time.perf_counter()
                 self.elapsed += now - t_last
                 t_last = now
+            # The end of the run is evaluated and saved here, whichever check (steps or the time
+            # budget, which can run out during an eval) ended the loop.
+            if self.step > 0 and last_eval != self.step:
+                self._eval_and_record(monitor)
             if self.step > 0 and last_save != self.step:
-                # the time budget ran out during this step's eval/bookkeeping: still save the end
-                path = self.save()
-                monitor.note(f"saved {path}")
+                monitor.note(f"saved {self.save()}")
+                last_save = self.step
         except KeyboardInterrupt:
             if self.step > 0 and last_save != self.step:
                 monitor.note("interrupted: saving a checkpoint…")
