@@ -34,18 +34,10 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
-def _valid_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    valid = targets != ignore_index
-    return valid, torch.where(valid, targets, torch.zeros_like(targets))
-
-
-def _chunk_logits(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (hc @ w.t()).float()
-
-
 def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, want_grad_h, want_grad_w):
     """(mean loss, d loss/d h or None, d loss/d weight (fp32) or None), one chunk of rows at a time."""
-    valid, safe_t = _valid_targets(targets, ignore_index)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))  # ignored rows gather column 0, masked out
     n_valid = valid.sum().clamp(min=1).to(torch.float32)
     w = weight.to(compute_dtype)
     grad_h = torch.empty_like(h) if want_grad_h else None
@@ -53,7 +45,7 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk_rows):
         hc = h[s:s + chunk_rows].to(compute_dtype)
-        logits = _chunk_logits(hc, w)
+        logits = (hc @ w.t()).float()
         t, v = safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows]
         target_logit = logits.gather(1, t).squeeze(1)
         # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
