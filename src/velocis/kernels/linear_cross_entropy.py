@@ -43,9 +43,12 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
     grad_h = torch.empty_like(h) if want_grad_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    # one logits buffer for every chunk: a fresh 16 MB block per chunk is fresh pages from the OS on
+    # CPU (glibc mmaps blocks that size), and the page faults halved the logits matmul's speed
+    buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=compute_dtype, device=h.device)
     for s in range(0, h.shape[0], chunk_rows):
         hc = h[s:s + chunk_rows].to(compute_dtype)
-        logits = (hc @ w.t()).float()
+        logits = torch.mm(hc, w.t(), out=buf[:hc.shape[0]]).float()
         t, v = safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows]
         target_logit = logits.gather(1, t).squeeze(1)
         # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
@@ -61,9 +64,15 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
         probs.scatter_add_(1, t, -(v.to(probs.dtype) / n_valid)[:, None])
         g = probs.to(compute_dtype)
         if grad_h is not None:
-            grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)
+            if grad_h.dtype == compute_dtype:
+                torch.mm(g, w, out=grad_h[s:s + chunk_rows])
+            else:
+                grad_h[s:s + chunk_rows] = (g @ w).to(h.dtype)
         if grad_w is not None:
-            grad_w += (g.t() @ hc).float()
+            if compute_dtype == torch.float32:
+                grad_w.addmm_(g.t(), hc)
+            else:
+                grad_w += (g.t() @ hc).float()
     return loss / n_valid, grad_h, grad_w
 
 
