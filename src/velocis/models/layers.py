@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from velocis.kernels.rms_norm import rms_norm
 from velocis.models.registry import register_feed_forward
 
 
@@ -19,10 +20,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.weight * x.to(dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            y = rms_norm(x, self.weight, self.eps)  # same math, fewer passes (kernels/rms_norm.py)
+        else:
+            dtype = x.dtype
+            x = x.float()
+            y = self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         device = y.device.type
         if torch.is_autocast_enabled(device):
             # the next op is a matmul that casts anyway: cast once here, not once per projection

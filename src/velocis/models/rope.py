@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from velocis.kernels.rope import apply_rope_halves
+
 
 def _base_inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -118,6 +120,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, dim]; cos/sin [T, dim]."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, dim]; cos/sin [T, dim] from RotaryEmbedding. Same result as the reference,
+    computed by kernels/rope.py (half-width tables, no rotate_half copy, hand-written backward)."""
+    return apply_rope_halves(x, cos, sin)

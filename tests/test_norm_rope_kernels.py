@@ -1,0 +1,44 @@
+"""The fast RMSNorm and RoPE paths (kernels/) against their plain-PyTorch references."""
+import pytest
+import torch
+
+from velocis.kernels.rms_norm import rms_norm, rms_norm_reference
+from velocis.kernels.rope import apply_rope_halves
+from velocis.models.rope import RotaryEmbedding, apply_rope_reference
+
+
+def _value_and_grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    torch.manual_seed(1)
+    out.backward(torch.randn(out.shape))  # not randn_like: that follows the output's strides
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (3, 7, 4, 8), (9, 32)])
+def test_rms_norm_matches_reference(shape):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape) * 3, torch.randn(shape[-1])
+    want = _value_and_grads(lambda a, b: rms_norm_reference(a, b, 1e-5), x, w)
+    got = _value_and_grads(lambda a, b: rms_norm(a, b, 1e-5), x, w)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_other_dtypes_take_the_reference():
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("scaling", [None, {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}])
+def test_rope_matches_reference(scaling):
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(16, 10000.0, scaling)
+    cos, sin = rot(torch.arange(11), torch.float32)
+    x = torch.randn(2, 11, 3, 16).transpose(1, 2)  # [B, heads, T, d], a strided view as in attention
+    want = _value_and_grads(lambda a: apply_rope_reference(a, cos, sin), x)
+    got = _value_and_grads(lambda a: apply_rope_halves(a, cos, sin), x)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_rope_halves(x, cos, sin), apply_rope_reference(x, cos, sin))
