@@ -1,8 +1,9 @@
 """CPU training throughput: Velocis against transformers' LlamaForCausalLM of the same shape.
 
 Both models get the same batch, the same AdamW (fused where the build has it) and the same
-step: forward, cross-entropy, backward, optimizer step. They run alternately, one step each per
-round, after warmup steps; the table reports the median and the best step time (this VM's step
+step: forward, cross-entropy, backward, optimizer step. Each runs in its own process (as a user's
+training would: one library's allocations never page-fault or trim the other's heap), and the
+parent alternates them, one step each per round, after warmup steps, so they never overlap; the table reports the median and the best step time (this VM's step
 times swing by +-30%, the best is the steadiest estimate of each one's cost). torch.compile's one-off
 compile time is measured and reported separately.
 
@@ -12,6 +13,7 @@ compile time is measured and reported separately.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import datetime
 import os
 import platform
@@ -51,8 +53,6 @@ class Contestant:
     def __init__(self, name, model, loss_fn):
         self.name, self.model, self.loss_fn = name, model, loss_fn
         self.opt = make_optimizer(model)
-        self.times: list[float] = []
-        self.setup_s = 0.0
 
     def step(self, x, y, autocast: bool = False) -> float:
         t = time.perf_counter()
@@ -64,43 +64,80 @@ class Contestant:
         return time.perf_counter() - t
 
 
-def build_contestants(cfg, args):
+CONTESTANTS = {  # name -> (library, compiled)
+    "transformers Llama (eager)": ("hf", False),
+    "velocis (eager)": ("velocis", False),
+    "velocis (torch.compile)": ("velocis", True),
+    "transformers Llama (torch.compile)": ("hf", True),
+}
+
+
+def build_contestant(name, cfg):
     from velocis.models import VelocisModel
 
+    library, compiled = CONTESTANTS[name]
     torch.manual_seed(0)
-    vel = VelocisModel(cfg).train()
-    hf = hf_llama(cfg)
+    if library == "velocis":
+        model = VelocisModel(cfg).train()
 
-    def vel_loss(x, y):
-        return vel.compute_loss(x, y)[0]
+        def loss_fn(x, y):
+            return model.compute_loss(x, y)[0]
+    else:
+        model = hf_llama(cfg)
 
-    def hf_loss(x, y):
-        # The same loss as Velocis (next-token CE on given targets); HF's own `labels=` path
-        # shifts internally and would score one token fewer per row.
-        logits = hf(input_ids=x).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-    out = [Contestant("transformers Llama (eager)", hf, hf_loss), Contestant("velocis (eager)", vel, vel_loss)]
-    if args.compile:
-        vel_c = VelocisModel(cfg).train()
-        vel_c.load_state_dict(vel.state_dict())
-        out.append(Contestant("velocis (torch.compile)", vel_c, torch.compile(lambda x, y: vel_c.compute_loss(x, y)[0])))
-        hf_c = hf_llama(cfg)
-        out.append(Contestant("transformers Llama (torch.compile)", hf_c, torch.compile(
-            lambda x, y: F.cross_entropy(hf_c(input_ids=x).logits.flatten(0, 1).float(), y.flatten()))))
-    return out, sum(p.numel() for p in vel.parameters()), sum(p.numel() for p in hf.parameters())
+        def loss_fn(x, y):
+            # The same loss as Velocis (next-token CE on given targets); HF's own `labels=` path
+            # shifts internally and would score one token fewer per row.
+            logits = model(input_ids=x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return Contestant(name, model, torch.compile(loss_fn) if compiled else loss_fn)
 
 
-def run(contestants, x, y, bf16: bool, rounds: int, warmup: int) -> None:
+def worker(conn, name, preset, batch, seq_len, threads, bf16) -> None:
+    """One contestant in its own process: its allocations and heap never touch the other's."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = get_preset(preset)
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    y = torch.roll(x, -1, dims=1)
+    c = build_contestant(name, cfg)
+    conn.send((sum(p.numel() for p in c.model.parameters()), bool(c.opt.defaults.get("fused"))))
+    while conn.recv() == "step":
+        conn.send(c.step(x, y, bf16))
+
+
+class Remote:
+    """The parent's handle on a worker: `step()` runs one step there and returns its time."""
+
+    def __init__(self, name, args, bf16):
+        ctx = mp.get_context("spawn")
+        self.name, self.times, self.setup_s = name, [], 0.0
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker, args=(child, name, args.preset, args.batch, args.seq_len,
+                                                     args.threads, bf16), daemon=True)
+        self.proc.start()
+        self.n_params, self.fused = self.conn.recv()
+
+    def step(self) -> float:
+        self.conn.send("step")
+        dt = self.conn.recv()
+        time.sleep(0.05)  # let the idle worker's OpenMP threads stop spinning before the next one runs
+        return dt
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join()
+
+
+def run(contestants, rounds: int, warmup: int) -> None:
     for c in contestants:  # warmup; the first compiled step is the compile
-        t = time.perf_counter()
-        c.step(x, y, bf16)
-        c.setup_s = time.perf_counter() - t
+        c.setup_s = c.step()
         for _ in range(warmup - 1):
-            c.step(x, y, bf16)
+            c.step()
     for r in range(rounds):  # one step each, alternating order: machine noise hits everyone alike
         for c in contestants if r % 2 == 0 else reversed(contestants):
-            c.times.append(c.step(x, y, bf16))
+            c.times.append(c.step())
 
 
 def main() -> None:
@@ -131,14 +168,19 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; bf16 matmul in hardware: {hardware_bf16(torch.device('cpu'))}")
     header = True
     results = {}  # (precision, contestant) -> (median, best)
+    names = list(CONTESTANTS)[:4 if args.compile else 2]
     for precision in precisions:
-        contestants, n_vel, n_hf = build_contestants(cfg, args)
-        run(contestants, x, y, precision == "bf16", args.rounds, args.warmup)
+        contestants = [Remote(name, args, precision == "bf16") for name in names]
+        run(contestants, args.rounds, args.warmup)
+        for c in contestants:
+            c.close()
         if header:
+            n_hf, n_vel = contestants[0].n_params, contestants[1].n_params
             print(f"# preset {args.preset}: velocis {n_vel / 1e6:.2f}M params, transformers {n_hf / 1e6:.2f}M params; "
                   f"batch {args.batch} x {args.seq_len} = {tokens} tokens/step; AdamW "
-                  f"{'fused' if contestants[0].opt.defaults.get('fused') else 'foreach'}; "
-                  f"{args.rounds} alternating rounds; ratio = transformers eager time / contestant time")
+                  f"{'fused' if contestants[0].fused else 'foreach'}; "
+                  f"{args.rounds} alternating rounds, each contestant in its own process; "
+                  f"ratio = transformers eager time / contestant time")
             print()
             print(f"| {'precision':9s} | {'contestant':36s} | {'median ms':>9s} | {'best ms':>8s} | {'tokens/s':>9s} "
                   f"| {'x median':>8s} | {'x best':>7s} | {'first step s':>12s} |")
