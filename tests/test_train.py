@@ -207,6 +207,17 @@ def test_precision_auto_follows_the_hardware_and_can_be_forced():
         assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.float32
 
 
+def test_forced_bf16_without_bf16_hardware_warns(data_dir, tmp_path, capsys, monkeypatch):
+    import velocis.train.loop as loop
+
+    monkeypatch.setattr(loop, "hardware_bf16", lambda device: False)
+    argv = ["train-custom", "--data", str(data_dir), "--output-dir", str(tmp_path / "run"), *TINY, *FAST,
+            "--max-steps", "1", "--precision", "bf16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--precision bf16" in out and "far slower than fp32" in out
+
+
 def test_unknown_precision_is_named(tmp_path):
     import pytest
 

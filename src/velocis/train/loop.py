@@ -331,6 +331,9 @@ class Trainer:
         monitor.start()
         if self.resume_from is not None:
             monitor.note(f"resumed from {self.resume_from} at step {self.step}")
+        if self.precision == "bf16" and not hardware_bf16(self.device):
+            monitor.note(f"warning: --precision bf16 on a {self.device.type} without bf16 matrix hardware runs "
+                         "emulated and far slower than fp32; use --precision auto (fp32 here)")
         try:
             if self.step == 0:
                 self._eval_and_record(monitor)  # the starting point of the validation curve
