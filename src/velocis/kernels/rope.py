@@ -40,6 +40,9 @@ def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     """x [..., T, D]; cos/sin [T, D] whose two halves are equal (as RotaryEmbedding builds them)."""
     half = x.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]
+    if torch.compiler.is_compiling():  # inductor fuses the plain form itself (and trips on out= views)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     if not torch.is_grad_enabled() or not x.requires_grad:
         return _rotate(x, c, s)
     return _Rope.apply(x, c.detach(), s.detach())
