@@ -2,10 +2,11 @@
 
 Both models get the same batch, the same AdamW (fused where the build has it) and the same
 step: forward, cross-entropy, backward, optimizer step. Each runs in its own process (as a user's
-training would: one library's allocations never page-fault or trim the other's heap), and the
-parent alternates them, one step each per round, after warmup steps, so they never overlap; the table reports the median and the best step time (this VM's step
-times swing by +-30%, the best is the steadiest estimate of each one's cost). torch.compile's one-off
-compile time is measured and reported separately.
+training would: one library's allocations never page-fault or trim the other's heap); the parent
+alternates them, one step each per round after warmup, so they never overlap. The table reports
+the mean step time (a run's tokens/s is tokens / mean step), the median, and the best (this VM's
+step times swing by +-30%; the best is the steadiest estimate of each one's cost). torch.compile's
+one-off compile time is reported separately.
 
     python benchmarks/bench_train_cpu.py [--preset micro] [--batch 16] [--seq-len 256]
         [--rounds 10] [--threads N] [--compile] [--precision fp32[,bf16]]
@@ -130,6 +131,11 @@ class Remote:
         self.proc.join()
 
 
+def summary(times: list[float]) -> tuple[float, float, float]:
+    """(mean, median, best) step time; tokens/s over a run is tokens / mean step time."""
+    return statistics.fmean(times), statistics.median(times), min(times)
+
+
 def run(contestants, rounds: int, warmup: int) -> None:
     for c in contestants:  # warmup; the first compiled step is the compile
         c.setup_s = c.step()
@@ -181,25 +187,26 @@ def main() -> None:
                   f"{args.rounds} alternating rounds, each contestant in its own process; "
                   f"ratio = transformers eager time / contestant time")
             print()
-            print(f"| {'precision':9s} | {'contestant':36s} | {'median ms':>9s} | {'best ms':>8s} | {'tokens/s':>9s} "
-                  f"| {'x median':>8s} | {'x best':>7s} | {'first step s':>12s} |")
-            print(f"|{'-' * 11}|{'-' * 38}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 9}|{'-' * 14}|")
+            print(f"| {'precision':9s} | {'contestant':36s} | {'mean ms':>8s} | {'median ms':>9s} | {'best ms':>8s} "
+                  f"| {'tokens/s':>9s} | {'x mean':>7s} | {'x median':>8s} | {'x best':>7s} | {'first step s':>12s} |")
+            print(f"|{'-' * 11}|{'-' * 38}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 9}"
+                  f"|{'-' * 14}|")
             header = False
-        base_med, base_min = statistics.median(contestants[0].times), min(contestants[0].times)
+        base = summary(contestants[0].times)
         for c in contestants:
-            med, best = statistics.median(c.times), min(c.times)
-            results[precision, c.name] = med, best
-            print(f"| {precision:9s} | {c.name:36s} | {med * 1e3:9.1f} | {best * 1e3:8.1f} | {tokens / med:9.0f} "
-                  f"| {base_med / med:7.2f}x | {base_min / best:6.2f}x | {c.setup_s:12.1f} |", flush=True)
+            mean, med, best = results[precision, c.name] = summary(c.times)
+            print(f"| {precision:9s} | {c.name:36s} | {mean * 1e3:8.1f} | {med * 1e3:9.1f} | {best * 1e3:8.1f} "
+                  f"| {tokens / mean:9.0f} | {base[0] / mean:6.2f}x | {base[1] / med:7.2f}x | {base[2] / best:6.2f}x "
+                  f"| {c.setup_s:12.1f} |", flush=True)
 
     # What each user gets without flags: transformers trains in fp32 on a CPU; `velocis train`'s
     # --precision auto picks bf16 autocast on a CPU with bf16 hardware (fp32 elsewhere).
     auto = resolve_precision("auto", torch.device("cpu"))
     hf_key, vel_key = ("fp32", "transformers Llama (eager)"), (auto, "velocis (eager)")
     if hf_key in results and vel_key in results:
-        (hm, hb), (vm, vb) = results[hf_key], results[vel_key]
+        ratios = [h / v for h, v in zip(results[hf_key], results[vel_key])]
         print(f"\nDefaults on this machine (transformers fp32 eager vs velocis --precision auto = {auto}, eager): "
-              f"{hm / vm:.2f}x median, {hb / vb:.2f}x best")
+              f"{ratios[0]:.2f}x tokens/s (mean step), {ratios[1]:.2f}x median step, {ratios[2]:.2f}x best step")
 
 
 if __name__ == "__main__":
