@@ -1,0 +1,43 @@
+"""The C++ CPU attention kernel (kernels/attention_cpu.py) against SDPA, its reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from velocis.kernels import attention_cpu
+
+pytestmark = pytest.mark.skipif(not attention_cpu.available(),
+                                reason="the CPU attention kernel cannot be built here (no C++ compiler?)")
+
+
+@pytest.mark.parametrize("B,H,KV,T,D", [(2, 4, 2, 100, 16), (3, 3, 1, 130, 8), (1, 2, 2, 64, 32), (2, 4, 4, 1, 8)])
+def test_matches_sdpa_values_and_grads(B, H, KV, T, D):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, KV, T, D), torch.randn(B, KV, T, D)
+    dout = torch.randn(B, H, T, D)
+
+    def run(fn):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*ins)
+        out.backward(dout)
+        return [out.detach()] + [t.grad for t in ins]
+
+    want = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=H != KV))
+    assert attention_cpu.supports(q, k, v)
+    got = run(attention_cpu.causal_attention)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_takes_strided_views_like_the_attention_layer():
+    torch.manual_seed(0)
+    v = torch.randn(2, 16, 2, 8).transpose(1, 2)  # [B, KV, T, D] view of a [B, T, KV, D] projection
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(attention_cpu.causal_attention(q, k, v), want, rtol=1e-5, atol=1e-5)
+
+
+def test_declines_what_it_does_not_take():
+    q = torch.randn(1, 2, 8, 16)
+    assert not attention_cpu.supports(q.double(), q.double(), q.double())
+    assert not attention_cpu.supports(q, q[..., :8], q[..., :8])  # MLA-style: v/k head dims differ from q
+    assert not attention_cpu.supports(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16))  # 3 kv heads for 2
