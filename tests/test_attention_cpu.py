@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from velocis.kernels import attention_cpu
+from velocis.kernels import attention_cpu, cpu_ops
 
-pytestmark = pytest.mark.skipif(not attention_cpu.available(),
+pytestmark = pytest.mark.skipif(not cpu_ops.available(),
                                 reason="the CPU attention kernel cannot be built here (no C++ compiler?)")
 
 

@@ -79,3 +79,18 @@ def test_model_compute_loss_fused_equals_reference_path():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_pytorch_chunk_path_matches_reference(monkeypatch):
+    """Where the C++ kernels are not built (or off CPU), each chunk takes the PyTorch ops."""
+    from velocis.kernels import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
+    torch.manual_seed(0)
+    h, w = torch.randn(50, 16), torch.randn(40, 16)
+    t = torch.randint(0, 40, (50,))
+    t[::7] = -100
+    want = _loss_and_grads(linear_cross_entropy_reference, h, w, t)
+    got = _loss_and_grads(linear_cross_entropy, h, w, t, chunk_rows=16)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

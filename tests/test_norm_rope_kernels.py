@@ -66,3 +66,28 @@ def test_kernels_trace_under_torch_compile():
     compiled = loss_and_grads(torch.compile(lambda a, b: model.compute_loss(a, b)[0], backend="aot_eager"))
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 40), (5, 16)])
+def test_rms_norm_python_function_matches_reference(shape):
+    """The autograd.Function used where the C++ kernels are not (GPU fp32, no compiler)."""
+    from velocis.kernels.rms_norm import _RMSNorm
+
+    torch.manual_seed(0)
+    x, w = torch.randn(shape) * 3, torch.randn(shape[-1])
+    want = _value_and_grads(lambda a, b: rms_norm_reference(a, b, 1e-5), x, w)
+    got = _value_and_grads(lambda a, b: _RMSNorm.apply(a, b, 1e-5), x, w)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 24), (4097,)])
+def test_swiglu_matches_reference(shape):
+    from velocis.kernels.swiglu import swiglu, swiglu_reference
+
+    torch.manual_seed(0)
+    g, u = torch.randn(shape) * 4, torch.randn(shape)
+    want = _value_and_grads(swiglu_reference, g, u)
+    got = _value_and_grads(swiglu, g, u)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ computes its logits, the loss and the logits' gradient (softmax - one-hot) in pl
 is still in cache, and folds it straight into grad_h and grad_weight; backward only scales the
 stored gradients. This is the approach of Liger-Kernel's fused linear cross-entropy.
 
+On CPU in fp32 the per-chunk softmax, loss and gradient are one C++ pass (csrc/fused_cpu.cpp).
+
 Matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), the softmax in fp32, and
 grad_weight accumulates in fp32.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from velocis.kernels import cpu_ops
 
 # Rows per chunk: ~4M logits (16 MB fp32) keeps a chunk near the L3 cache and its matmuls large.
 CHUNK_LOGITS = 1 << 22
@@ -34,6 +38,23 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
+def _chunk_loss_and_grad(logits, t, v, n_valid, loss, want_grad):
+    """Add the chunk's summed loss to `loss` (in place); return d loss/d logits, built in `logits`."""
+    target_logit = logits.gather(1, t).squeeze(1)
+    # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()
+    row_sum = probs.sum(dim=-1, keepdim=True)
+    lse = row_max.squeeze(1) + row_sum.log().squeeze(1)
+    loss += ((lse - target_logit) * v).sum()
+    if not want_grad:
+        return None
+    # d loss / d logits = (softmax - one_hot) * valid / n_valid, built in place
+    probs.mul_(v.to(probs.dtype)[:, None] / (row_sum * n_valid))
+    probs.scatter_add_(1, t, -(v.to(probs.dtype) / n_valid)[:, None])
+    return probs
+
+
 def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, want_grad_h, want_grad_w):
     """(mean loss, d loss/d h or None, d loss/d weight (fp32) or None), one chunk of rows at a time."""
     valid = targets != ignore_index
@@ -46,23 +67,21 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
     # one logits buffer for every chunk: a fresh 16 MB block per chunk is fresh pages from the OS on
     # CPU (glibc mmaps blocks that size), and the page faults halved the logits matmul's speed
     buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=compute_dtype, device=h.device)
+    # CPU fp32: loss and gradient of each chunk in one C++ pass over its logits (csrc/fused_cpu.cpp)
+    fused = (want_grad_h or want_grad_w) and compute_dtype == torch.float32 and cpu_ops.usable(h, weight)
     for s in range(0, h.shape[0], chunk_rows):
         hc = h[s:s + chunk_rows].to(compute_dtype)
         logits = torch.mm(hc, w.t(), out=buf[:hc.shape[0]]).float()
-        t, v = safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows]
-        target_logit = logits.gather(1, t).squeeze(1)
-        # one exp pass: softmax in place, lse = max + log(sum exp(logits - max))
-        row_max = logits.amax(dim=-1, keepdim=True)
-        probs = logits.sub_(row_max).exp_()
-        row_sum = probs.sum(dim=-1, keepdim=True)
-        lse = row_max.squeeze(1) + row_sum.log().squeeze(1)
-        loss += ((lse - target_logit) * v).sum()
-        if not (want_grad_h or want_grad_w):
-            continue
-        # d loss / d logits = (softmax - one_hot) * valid / n_valid, built in place
-        probs.mul_(v.to(probs.dtype)[:, None] / (row_sum * n_valid))
-        probs.scatter_add_(1, t, -(v.to(probs.dtype) / n_valid)[:, None])
-        g = probs.to(compute_dtype)
+        if fused:
+            loss += cpu_ops.ops().xent_grad_(logits, targets[s:s + chunk_rows].contiguous(), ignore_index,
+                                             1.0 / float(n_valid))
+            g = logits
+        else:
+            g = _chunk_loss_and_grad(logits, safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows], n_valid,
+                                     loss, want_grad_h or want_grad_w)
+            if g is None:
+                continue
+            g = g.to(compute_dtype)
         if grad_h is not None:
             if grad_h.dtype == compute_dtype:
                 torch.mm(g, w, out=grad_h[s:s + chunk_rows])

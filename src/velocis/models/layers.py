@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from velocis.kernels.rms_norm import rms_norm
+from velocis.kernels.swiglu import swiglu
 from velocis.models.registry import register_feed_forward
 
 
@@ -54,4 +54,4 @@ class MLP(nn.Module):
         nn.init.normal_(self.down_proj.weight, std=std / math.sqrt(2 * num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
