@@ -25,6 +25,7 @@ import torch
 
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
+from velocis.kernels import cpu_ops
 from velocis.train import checkpoint as ckpt_io
 from velocis.train.config import TrainConfig
 from velocis.train.monitor import MetricsLog, make_monitor, memory_usage
@@ -140,6 +141,8 @@ class Trainer:
 
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu":
+            cpu_ops.available()  # build the C++ CPU kernels now (once per machine), not under the monitor's clock
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
 
