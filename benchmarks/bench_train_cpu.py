@@ -68,6 +68,7 @@ class Contestant:
 CONTESTANTS = {  # name -> (library, compiled)
     "transformers Llama (eager)": ("hf", False),
     "velocis (eager)": ("velocis", False),
+    "velocis (eager, no C++ kernels)": ("velocis-plain", False),
     "velocis (torch.compile)": ("velocis", True),
     "transformers Llama (torch.compile)": ("hf", True),
 }
@@ -77,8 +78,10 @@ def build_contestant(name, cfg):
     from velocis.models import VelocisModel
 
     library, compiled = CONTESTANTS[name]
+    if library == "velocis-plain":  # this worker's process only: the plain-PyTorch paths
+        os.environ["VELOCIS_CPU_KERNELS"] = "0"
     torch.manual_seed(0)
-    if library == "velocis":
+    if library.startswith("velocis"):
         model = VelocisModel(cfg).train()
 
         def loss_fn(x, y):
@@ -173,7 +176,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; bf16 matmul in hardware: {hardware_bf16(torch.device('cpu'))}")
     header = True
     results = {}  # (precision, contestant) -> (median, best)
-    names = list(CONTESTANTS)[:4 if args.compile else 2]
+    names = list(CONTESTANTS)[:5 if args.compile else 3]
     for precision in precisions:
         contestants = [Remote(name, args, precision == "bf16") for name in names]
         run(contestants, args.rounds, args.warmup)
