@@ -45,8 +45,9 @@ def _load():
         pass
     os.environ["PATH"] = os.pathsep.join(bin_dirs + [os.environ.get("PATH", "")])
     name = f"velocis_cpu_{_cpu_fingerprint()}"
-    if not (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-        print("velocis: compiling the CPU kernels (once per machine, ~20 s)…", file=sys.stderr, flush=True)
+    built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    if not built.exists() or any(p.stat().st_mtime > built.stat().st_mtime for p in _SOURCES):
+        print("velocis: compiling the CPU kernels (once per machine and version, ~20 s)…", file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], is_python_module=False)
     return torch.ops.velocis_cpu
