@@ -40,9 +40,8 @@ class _CausalAttention(torch.autograd.Function):
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Shapes and dtypes the kernel takes: fp32 CPU, [B, heads, T, D] with one D for q, k and v."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4
-            and q.shape[-1] == k.shape[-1] == v.shape[-1] and k.shape == v.shape and q.shape[2] == k.shape[2]
-            and q.shape[1] % k.shape[1] == 0 and cpu_ops.usable(q))
+    return (q.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] and k.shape == v.shape
+            and q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0 and cpu_ops.usable(q, k, v))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
