@@ -11,7 +11,8 @@ computes its logits, the loss and the logits' gradient (softmax - one-hot) in pl
 is still in cache, and folds it straight into grad_h and grad_weight; backward only scales the
 stored gradients. This is the approach of Liger-Kernel's fused linear cross-entropy.
 
-On CPU in fp32 the per-chunk softmax, loss and gradient are one C++ pass (csrc/fused_cpu.cpp).
+On CPU in fp32 each chunk's logits are vocab-major and their softmax, loss and gradient are one C++
+pass (csrc/fused_cpu.cpp).
 
 Matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), the softmax in fp32, and
 grad_weight accumulates in fp32.
@@ -67,21 +68,16 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
     # one logits buffer for every chunk: a fresh 16 MB block per chunk is fresh pages from the OS on
     # CPU (glibc mmaps blocks that size), and the page faults halved the logits matmul's speed
     buf = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=compute_dtype, device=h.device)
-    # CPU fp32: loss and gradient of each chunk in one C++ pass over its logits (csrc/fused_cpu.cpp)
-    fused = (want_grad_h or want_grad_w) and compute_dtype == torch.float32 and cpu_ops.usable(h, weight)
+    if (want_grad_h or want_grad_w) and compute_dtype == torch.float32 and cpu_ops.usable(h, weight):
+        return _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, buf, grad_h, grad_w)
     for s in range(0, h.shape[0], chunk_rows):
         hc = h[s:s + chunk_rows].to(compute_dtype)
         logits = torch.mm(hc, w.t(), out=buf[:hc.shape[0]]).float()
-        if fused:
-            loss += cpu_ops.ops().xent_grad_(logits, targets[s:s + chunk_rows].contiguous(), ignore_index,
-                                             1.0 / float(n_valid))
-            g = logits
-        else:
-            g = _chunk_loss_and_grad(logits, safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows], n_valid,
-                                     loss, want_grad_h or want_grad_w)
-            if g is None:
-                continue
-            g = g.to(compute_dtype)
+        g = _chunk_loss_and_grad(logits, safe_t[s:s + chunk_rows, None], valid[s:s + chunk_rows], n_valid,
+                                 loss, want_grad_h or want_grad_w)
+        if g is None:
+            continue
+        g = g.to(compute_dtype)
         if grad_h is not None:
             if grad_h.dtype == compute_dtype:
                 torch.mm(g, w, out=grad_h[s:s + chunk_rows])
@@ -93,6 +89,24 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
             else:
                 grad_w += (g.t() @ hc).float()
     return loss / n_valid, grad_h, grad_w
+
+
+def _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, buf, grad_h, grad_w):
+    """CPU fp32: each chunk's logits as [vocab, rows] (= W h^T), loss and gradient in one C++ pass
+    (csrc/fused_cpu.cpp). At a small hidden size MKL runs these three matmuls (W h^T, g^T W, g h)
+    faster than the row-major ones (3-5% of a micro-preset step)."""
+    loss = 0.0
+    flat = buf.view(-1)
+    for s in range(0, h.shape[0], chunk_rows):
+        hc = h[s:s + chunk_rows]
+        zt = torch.mm(w, hc.t(), out=flat[:w.shape[0] * hc.shape[0]].view(w.shape[0], hc.shape[0]))
+        loss += cpu_ops.ops().xent_grad_cols_(zt, targets[s:s + chunk_rows].contiguous(), ignore_index,
+                                              1.0 / float(n_valid))
+        if grad_h is not None:
+            torch.mm(zt.t(), w, out=grad_h[s:s + chunk_rows])
+        if grad_w is not None:
+            grad_w.addmm_(zt, hc)
+    return torch.tensor(loss, dtype=torch.float32) / n_valid, grad_h, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
