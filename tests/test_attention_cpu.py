@@ -36,6 +36,26 @@ def test_takes_strided_views_like_the_attention_layer():
     torch.testing.assert_close(attention_cpu.causal_attention(q, k, v), want, rtol=1e-5, atol=1e-5)
 
 
+def test_projection_layout_in_and_out_without_copies():
+    """[B, T, heads, D] projections in; output and grads come back in that layout, values as SDPA's."""
+    torch.manual_seed(0)
+    B, T, H, KV, D = 2, 70, 4, 2, 16
+    base = [torch.randn(B, T, n, D) for n in (H, KV, KV)]
+    dout = torch.randn(B, T, H, D)
+
+    def run(fn):
+        ins = [t.clone().requires_grad_(True) for t in base]
+        out = fn(*(t.transpose(1, 2) for t in ins))
+        out.backward(dout.transpose(1, 2))
+        return [out] + [t.grad for t in ins]
+
+    want = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True))
+    got = run(attention_cpu.causal_attention)
+    assert got[0].transpose(1, 2).is_contiguous()  # the output projection reads it as is
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_declines_what_it_does_not_take():
     q = torch.randn(1, 2, 8, 16)
     assert not attention_cpu.supports(q.double(), q.double(), q.double())

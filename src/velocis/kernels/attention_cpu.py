@@ -25,7 +25,7 @@ from velocis.kernels import cpu_ops
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         scale = 1.0 / math.sqrt(q.shape[-1])
         o, lse = cpu_ops.ops().causal_attention_fwd(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -35,7 +35,8 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, o, lse = ctx.saved_tensors
-        return cpu_ops.ops().causal_attention_bwd(q, k, v, o, lse, dout.contiguous(), ctx.scale)
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        return cpu_ops.ops().causal_attention_bwd(q, k, v, o, lse, dout, ctx.scale)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -45,5 +46,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, KV, T, D] (H a multiple of KV) -> [B, H, T, D]; call `supports` first."""
+    """q [B, H, T, D], k/v [B, KV, T, D] (H a multiple of KV) -> [B, H, T, D]; call `supports` first.
+
+    Any strides with D contiguous (the [B, T, heads, D] projections seen through transpose(1, 2)
+    are read in place); the output and the input gradients are [B, T, heads, D] in memory, so
+    the output projection and the q/k/v projections' backward take them without a copy."""
     return _CausalAttention.apply(q, k, v)

@@ -17,7 +17,7 @@ import torch
 def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty(x.shape, dtype=torch.result_type(x, c), device=x.device)
+    out = torch.empty_like(x, dtype=torch.result_type(x, c))  # x's memory layout: no transposing copy
     o1, o2 = out[..., :half], out[..., half:]
     torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
     torch.mul(x2, c, out=o2).addcmul_(x1, s)

@@ -1,7 +1,9 @@
 // Causal self-attention for CPU training (fp32): forward and backward, GQA-aware.
 //
 // Reference: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).
-// One (batch, head) at a time per thread: its scores for a block of 64 query rows (64 x T floats)
+// Tensors are [B, heads, T, D] with D contiguous and any other strides: the projections' own
+// [B, T, heads, D] layout needs no copy, and outputs come back in it. One (batch, head) at a time
+// per thread: its scores for a block of 64 query rows (64 x T floats)
 // stay in the core's cache between the QK^T gemm, the softmax and the PV gemm, and each gemm is one
 // single-threaded BLAS call on whole [64, T] x [T, D] blocks (PyTorch's CPU flash kernel tiles
 // keys too and pays per-tile overhead). Causality: a query block only multiplies the keys up to its
@@ -36,9 +38,27 @@ inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alp
   sgemm_(&tB, &tA, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
 }
 
-void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4,
-              name, " must be a contiguous fp32 CPU tensor [B, heads, T, D]");
+// A [B, heads, T, D] fp32 CPU tensor whose D is contiguous: the layout the projections produce,
+// [B, T, heads, D], seen through transpose(1, 2), is taken as it is (a row stride, no copy).
+struct Heads {
+  float* p;
+  int64_t sb, sh, st;
+  float* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
+};
+
+Heads view(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1, name,
+              " must be an fp32 CPU tensor [B, heads, T, D] with D contiguous");
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An output laid out as [B, T, heads, D] (what the output projection reads without a copy),
+// returned as its [B, heads, T, D] view.
+at::Tensor new_heads(const at::Tensor& like, bool zero) {
+  auto opts = like.options();
+  const int64_t B = like.size(0), H = like.size(1), T = like.size(2), D = like.size(3);
+  auto t = zero ? at::zeros({B, T, H, D}, opts) : at::empty({B, T, H, D}, opts);
+  return t.transpose(1, 2);
 }
 
 // row[0:len] <- exp(row[0:len] - shift), row[len:n] <- 0; returns the sum of the exps.
@@ -56,24 +76,24 @@ inline float exp_row(float* row, int64_t len, int64_t n, float shift) {
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, double scale_) {
-  check(q, "q"); check(k, "k"); check(v, "v");
+  const Heads Q = view(q, "q"), K = view(k, "k"), V = view(v, "v");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1);
   TORCH_CHECK(H % KV == 0 && k.size(2) == T && v.sizes() == k.sizes() && k.size(3) == D, "q/k/v shapes do not match");
   const int64_t G = H / KV;
   const float scale = static_cast<float>(scale_);
-  auto o = at::empty_like(q);
+  auto o = new_heads(q, false);
   auto lse = at::empty({B, H, T}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const Heads O = view(o, "o");
+  float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(kRows * T);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, kvh = b * KV + (bh % H) / G;
-      const float *Q = qp + bh * T * D, *K = kp + kvh * T * D, *V = vp + kvh * T * D;
-      float *O = op + bh * T * D, *L = lp + bh * T;
+      const int64_t b = bh / H, h = bh % H, kvh = h / G;
+      const float *Qp = Q.at(b, h), *Kp = K.at(b, kvh), *Vp = V.at(b, kvh);
+      float *Op = O.at(b, h), *L = lp + bh * T;
       for (int64_t r0 = 0; r0 < T; r0 += kRows) {
         const int64_t m = std::min(kRows, T - r0), n = r0 + m;  // rows r0.., keys 0..n-1
-        gemm_rm(false, true, m, n, D, scale, Q + r0 * D, D, K, D, 0.f, S.data(), n);
+        gemm_rm(false, true, m, n, D, scale, Qp + r0 * Q.st, Q.st, Kp, K.st, 0.f, S.data(), n);
         for (int64_t i = 0; i < m; ++i) {
           float* row = S.data() + i * n;
           const int64_t len = r0 + i + 1;
@@ -84,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
           for (int64_t j = 0; j < len; ++j) row[j] *= inv;
           L[r0 + i] = mx + std::log(sum);
         }
-        gemm_rm(false, false, m, D, n, 1.f, S.data(), n, V, D, 0.f, O + r0 * D, D);
+        gemm_rm(false, false, m, D, n, 1.f, S.data(), n, Vp, V.st, 0.f, Op + r0 * O.st, O.st);
       }
     }
   });
@@ -94,43 +114,44 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
     const at::Tensor& dout, double scale_) {
-  check(q, "q"); check(k, "k"); check(v, "v"); check(o, "o"); check(dout, "dout");
+  const Heads Q = view(q, "q"), K = view(k, "k"), V = view(v, "v"), O = view(o, "o"), dO = view(dout, "dout");
+  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), G = H / KV;
   const float scale = static_cast<float>(scale_);
-  auto dq = at::empty_like(q);
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>(), *gp = dout.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  auto dq = new_heads(q, false);
+  auto dk = new_heads(k, true);
+  auto dv = new_heads(v, true);
+  const Heads dQ = view(dq, "dq"), dK = view(dk, "dk"), dV = view(dv, "dv");
+  const float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> P(kRows * T), dS(kRows * T);
     for (int64_t bkv = begin; bkv < end; ++bkv) {
       const int64_t b = bkv / KV, kvh = bkv % KV;
-      const float *K = kp + bkv * T * D, *V = vp + bkv * T * D;
-      float *dK = dkp + bkv * T * D, *dV = dvp + bkv * T * D;
+      const float *Kp = K.at(b, kvh), *Vp = V.at(b, kvh);
+      float *dKp = dK.at(b, kvh), *dVp = dV.at(b, kvh);
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t bh = b * H + kvh * G + g;
-        const float *Q = qp + bh * T * D, *O = op + bh * T * D, *dO = gp + bh * T * D, *L = lp + bh * T;
-        float* dQ = dqp + bh * T * D;
+        const int64_t h = kvh * G + g;
+        const float *Qp = Q.at(b, h), *Op = O.at(b, h), *dOp = dO.at(b, h), *L = lp + (b * H + h) * T;
+        float* dQp = dQ.at(b, h);
         for (int64_t r0 = 0; r0 < T; r0 += kRows) {
           const int64_t m = std::min(kRows, T - r0), n = r0 + m;
-          gemm_rm(false, true, m, n, D, scale, Q + r0 * D, D, K, D, 0.f, P.data(), n);
+          const float *Qr = Qp + r0 * Q.st, *dOr = dOp + r0 * dO.st;
+          gemm_rm(false, true, m, n, D, scale, Qr, Q.st, Kp, K.st, 0.f, P.data(), n);
           for (int64_t i = 0; i < m; ++i) exp_row(P.data() + i * n, r0 + i + 1, n, L[r0 + i]);
-          gemm_rm(true, false, n, D, m, 1.f, P.data(), n, dO + r0 * D, D, 1.f, dV, D);  // dV += P^T dO
-          gemm_rm(false, true, m, n, D, 1.f, dO + r0 * D, D, V, D, 0.f, dS.data(), n);  // dP = dO V^T
+          gemm_rm(true, false, n, D, m, 1.f, P.data(), n, dOr, dO.st, 1.f, dVp, dV.st);  // dV += P^T dO
+          gemm_rm(false, true, m, n, D, 1.f, dOr, dO.st, Vp, V.st, 0.f, dS.data(), n);  // dP = dO V^T
           for (int64_t i = 0; i < m; ++i) {
-            const float *orow = O + (r0 + i) * D, *grow = dO + (r0 + i) * D;
+            const float *orow = Op + (r0 + i) * O.st, *grow = dOr + i * dO.st;
             float di = 0.f;
 #pragma omp simd reduction(+ : di)
             for (int64_t d = 0; d < D; ++d) di += orow[d] * grow[d];  // rowsum(dP * P) = rowsum(dO * O)
-            float *srow = dS.data() + i * n;
+            float* srow = dS.data() + i * n;
             const float* prow = P.data() + i * n;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) srow[j] = prow[j] * (srow[j] - di);
           }
-          gemm_rm(false, false, m, D, n, scale, dS.data(), n, K, D, 0.f, dQ + r0 * D, D);  // dQ = dS K
-          gemm_rm(true, false, n, D, m, scale, dS.data(), n, Q + r0 * D, D, 1.f, dK, D);  // dK += dS^T Q
+          gemm_rm(false, false, m, D, n, scale, dS.data(), n, Kp, K.st, 0.f, dQp + r0 * dQ.st, dQ.st);  // dQ = dS K
+          gemm_rm(true, false, n, D, m, scale, dS.data(), n, Qr, Q.st, 1.f, dKp, dK.st);  // dK += dS^T Q
         }
       }
     }
