@@ -30,8 +30,14 @@ def test_rms_norm_other_dtypes_take_the_reference():
     assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("scaling", [None, {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}])
-def test_rope_matches_reference(scaling):
+def test_rope_matches_reference(scaling, cpu_kernels, monkeypatch):
+    """Both the C++ pass and the PyTorch ops (no compiler, GPU) against the reference."""
+    from velocis.kernels import cpu_ops
+
+    if not cpu_kernels:
+        monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
     torch.manual_seed(0)
     rot = RotaryEmbedding(16, 10000.0, scaling)
     cos, sin = rot(torch.arange(11), torch.float32)
@@ -40,6 +46,7 @@ def test_rope_matches_reference(scaling):
     got = _value_and_grads(lambda a: apply_rope_halves(a, cos, sin), x)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    assert got[0].transpose(1, 2).is_contiguous()  # the input's layout is kept: no transposing copy
     with torch.no_grad():
         torch.testing.assert_close(apply_rope_halves(x, cos, sin), apply_rope_reference(x, cos, sin))
 

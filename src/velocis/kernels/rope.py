@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from velocis.kernels import cpu_ops
 
-def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate by +angle (by -angle if inverse: the backward)."""
+    if x.dim() == 4 and c.dim() == 2 and x.stride(-1) == 1 and cpu_ops.usable(x, c, s):
+        return cpu_ops.ops().rope(x, c, s, inverse)  # one pass (csrc/fused_cpu.cpp)
+    if inverse:
+        s = -s
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty_like(x, dtype=torch.result_type(x, c))  # x's memory layout: no transposing copy
@@ -33,7 +40,7 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         c, s = ctx.saved_tensors
-        return _rotate(dy, c, -s), None, None
+        return _rotate(dy, c, s, inverse=True), None, None
 
 
 def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 // One-pass CPU kernels for the element-wise work around the matmuls (fp32, contiguous rows).
 //
 // Each replaces a chain of PyTorch ops that each read and write a whole activation: RMSNorm
-// forward/backward, SwiGLU forward/backward and the cross-entropy gradient of a chunk of logits.
-// References: kernels/rms_norm.py, kernels/swiglu.py, kernels/linear_cross_entropy.py.
+// forward/backward, SwiGLU forward/backward, the rotary embedding and the cross-entropy gradient of a
+// chunk of logits. References: kernels/rms_norm.py, kernels/swiglu.py, kernels/rope.py,
+// kernels/linear_cross_entropy.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -107,6 +108,42 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh, const at::Te
   return {dg, du};
 }
 
+// --- Rotary embedding: out1 = x1*c - x2*s, out2 = x2*c + x1*s (halves of each head vector) ------
+// x [B, heads, T, D] with D contiguous and any other strides (the projections' [B, T, heads, D]
+// seen through a transpose); out has x's layout. c, s [T, D/2]. inverse rotates by -angle: the
+// backward. One pass instead of PyTorch's four strided half-width ops.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, bool inverse) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1,
+              "x must be an fp32 CPU tensor [B, heads, T, D] with D contiguous");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && c.dim() == 2 && c.size(0) == T && c.size(1) == half && c.sizes() == s.sizes() &&
+                  c.stride(1) == 1 && s.stride(1) == 1 && c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat,
+              "cos/sin must be fp32 [T, D/2] tables with unit column stride");
+  auto out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xb = x.stride(0), xh = x.stride(1), xt = x.stride(2);
+  const int64_t ob = out.stride(0), oh = out.stride(1), ot = out.stride(2), cs = c.stride(0), ss = s.stride(0);
+  const float sign = inverse ? -1.f : 1.f;
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const float *cr = cp + t * cs, *sr = sp + t * ss;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = xp + b * xb + h * xh + t * xt;
+        float* orow = op + b * ob + h * oh + t * ot;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = xr[j], x2 = xr[j + half], cj = cr[j], sj = sign * sr[j];
+          orow[j] = x1 * cj - x2 * sj;
+          orow[j + half] = x2 * cj + x1 * sj;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // --- Cross-entropy of a chunk of logits, and their gradient in place ----------------------------
 // Logits come vocab-major, zt [V, N] (column i is row i's logits): the layout the output
 // projection's matmuls run fastest in at a small hidden size. Column i: loss_i = logsumexp(z_i) -
@@ -179,6 +216,7 @@ TORCH_LIBRARY_FRAGMENT(velocis_cpu, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
   m.def("swiglu_fwd(Tensor g, Tensor u) -> Tensor");
   m.def("swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor)");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
   m.def("xent_grad_cols_(Tensor(a!) logits, Tensor targets, int ignore_index, float scale) -> float");
 }
 
@@ -187,5 +225,6 @@ TORCH_LIBRARY_IMPL(velocis_cpu, CPU, m) {
   m.impl("rms_norm_bwd", rms_norm_bwd);
   m.impl("swiglu_fwd", swiglu_fwd);
   m.impl("swiglu_bwd", swiglu_bwd);
+  m.impl("rope", rope);
   m.impl("xent_grad_cols_", xent_grad_cols_);
 }
