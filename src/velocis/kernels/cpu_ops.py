@@ -1,10 +1,10 @@
-"""The C++ CPU kernels (csrc/*.cpp), compiled on first use: causal attention, RMSNorm, SwiGLU and
-the cross-entropy gradient of a chunk of logits.
+"""The C++ CPU kernels (csrc/*.cpp), compiled on first use: causal attention, RMSNorm, SwiGLU, RoPE
+and the cross-entropy of a chunk of logits.
 
 Built once per machine (~20 s, cached in torch's extension directory under a name keyed by this
-CPU and torch version, since it is compiled with -march=native). Without a C++ compiler or ninja,
-with a PyTorch build that does not export its BLAS, or with VELOCIS_CPU_KERNELS=0, `ops()` is None
-and every caller takes its plain-PyTorch path.
+CPU, torch version and the sources, since it is compiled with -march=native). Without a C++
+compiler or ninja, with a PyTorch build that does not export its BLAS, or with
+VELOCIS_CPU_KERNELS=0, `ops()` is None and every caller takes its plain-PyTorch path.
 """
 from __future__ import annotations
 
@@ -23,13 +23,17 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once loaded, or "error"
 
 
-def _cpu_fingerprint() -> str:
+def _build_key() -> str:
+    """This CPU (the build is -march=native), this torch, these sources: two Velocis versions
+    side by side never load each other's build."""
     try:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         flags = ""
-    key = f"{platform.machine()} {platform.processor()} {flags} {torch.__version__}"
-    return hashlib.sha1(key.encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags} {torch.__version__}".encode())
+    for p in _SOURCES:
+        key.update(p.read_bytes())
+    return key.hexdigest()[:10]
 
 
 def _load():
@@ -44,9 +48,9 @@ def _load():
     except (ImportError, AttributeError):
         pass
     os.environ["PATH"] = os.pathsep.join(bin_dirs + [os.environ.get("PATH", "")])
-    name = f"velocis_cpu_{_cpu_fingerprint()}"
+    name = f"velocis_cpu_{_build_key()}"
     built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-    if not built.exists() or any(p.stat().st_mtime > built.stat().st_mtime for p in _SOURCES):
+    if not built.exists():
         print("velocis: compiling the CPU kernels (once per machine and version, ~20 s)…", file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], is_python_module=False)
