@@ -5,8 +5,9 @@ Reference (what the tests hold it to):
     F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 PyTorch's CPU flash kernel tiles both queries and keys and pays per-tile overhead; this one takes
-each (batch, head) on one thread, keeps a 64-query-row block of scores in cache between the QK^T
-gemm, the softmax and the PV gemm, and calls the BLAS PyTorch itself links once per block. The
+each (batch, kv head) on one thread with its group of query heads stacked, keeps a 64-query-row
+block of scores of the whole group in cache between the QK^T gemm, the softmax and the PV gemm,
+and calls the BLAS PyTorch itself links once per block. The
 backward recomputes probabilities from the saved log-sum-exp, as flash attention does. fp32 only;
 a third faster than SDPA at the micro preset's shapes (benchmarks/RESULTS.md).
 

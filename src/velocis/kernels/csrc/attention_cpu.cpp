@@ -2,14 +2,14 @@
 //
 // Reference: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).
 // Tensors are [B, heads, T, D] with D contiguous and any other strides: the projections' own
-// [B, T, heads, D] layout needs no copy, and outputs come back in it. One (batch, head) at a time
-// per thread: its scores for a block of 64 query rows (64 x T floats)
-// stay in the core's cache between the QK^T gemm, the softmax and the PV gemm, and each gemm is one
-// single-threaded BLAS call on whole [64, T] x [T, D] blocks (PyTorch's CPU flash kernel tiles
-// keys too and pays per-tile overhead). Causality: a query block only multiplies the keys up to its
-// last row. The backward recomputes the probabilities from the saved log-sum-exp (as flash
-// attention does) and owns a whole kv head, so dK/dV of its query-head group accumulate without
-// races.
+// [B, T, heads, D] layout needs no copy, and outputs come back in it. Each thread takes one
+// (batch, kv head) at a time with the G query heads that share it, stacked: the scores of a block
+// of 64 query rows of all G heads (G*64 x T floats) stay in the core's cache between the QK^T gemm,
+// the softmax and the PV gemm, and each gemm is one single-threaded BLAS call on [G*64, T] x
+// [T, D] blocks (PyTorch's CPU flash kernel tiles keys too and pays per-tile overhead).
+// Causality: a query block only multiplies the keys up to its last row. The backward recomputes
+// the probabilities from the saved log-sum-exp (as flash attention does); owning a whole kv head,
+// it accumulates dK/dV without races.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -74,6 +74,21 @@ inline float exp_row(float* row, int64_t len, int64_t n, float shift) {
   return sum;
 }
 
+// The G query heads that share a kv head, rows r0..r0+m-1 of each, stacked into one [G*m, D]
+// block (row g*m + i = head g, position r0 + i): one gemm against that kv head's K or V instead
+// of G gemms half the height, which MKL runs faster at these small sizes.
+inline void stack_rows(const Heads& X, int64_t b, int64_t h0, int64_t G, int64_t r0, int64_t m, int64_t D,
+                       float* out) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < m; ++i) std::copy_n(X.at(b, h0 + g) + (r0 + i) * X.st, D, out + (g * m + i) * D);
+}
+
+inline void unstack_rows(const float* in, const Heads& X, int64_t b, int64_t h0, int64_t G, int64_t r0, int64_t m,
+                         int64_t D) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < m; ++i) std::copy_n(in + (g * m + i) * D, D, X.at(b, h0 + g) + (r0 + i) * X.st);
+}
+
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, double scale_) {
   const Heads Q = view(q, "q"), K = view(k, "k"), V = view(v, "v");
@@ -85,26 +100,30 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q, con
   auto lse = at::empty({B, H, T}, q.options());
   const Heads O = view(o, "o");
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(kRows * T);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, kvh = h / G;
-      const float *Qp = Q.at(b, h), *Kp = K.at(b, kvh), *Vp = V.at(b, kvh);
-      float *Op = O.at(b, h), *L = lp + bh * T;
+  at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(G * kRows * T), Qs(G * kRows * D), Os(G * kRows * D);
+    for (int64_t bkv = begin; bkv < end; ++bkv) {
+      const int64_t b = bkv / KV, kvh = bkv % KV, h0 = kvh * G;
+      const float *Kp = K.at(b, kvh), *Vp = V.at(b, kvh);
       for (int64_t r0 = 0; r0 < T; r0 += kRows) {
-        const int64_t m = std::min(kRows, T - r0), n = r0 + m;  // rows r0.., keys 0..n-1
-        gemm_rm(false, true, m, n, D, scale, Qp + r0 * Q.st, Q.st, Kp, K.st, 0.f, S.data(), n);
-        for (int64_t i = 0; i < m; ++i) {
-          float* row = S.data() + i * n;
-          const int64_t len = r0 + i + 1;
-          const float mx = *std::max_element(row, row + len);
-          const float sum = exp_row(row, len, n, mx);
-          const float inv = 1.f / sum;
+        const int64_t m = std::min(kRows, T - r0), n = r0 + m;  // rows r0.. of each head, keys 0..n-1
+        stack_rows(Q, b, h0, G, r0, m, D, Qs.data());
+        gemm_rm(false, true, G * m, n, D, scale, Qs.data(), D, Kp, K.st, 0.f, S.data(), n);
+        for (int64_t g = 0; g < G; ++g) {
+          float* L = lp + (b * H + h0 + g) * T + r0;
+          for (int64_t i = 0; i < m; ++i) {
+            float* row = S.data() + (g * m + i) * n;
+            const int64_t len = r0 + i + 1;
+            const float mx = *std::max_element(row, row + len);
+            const float sum = exp_row(row, len, n, mx);
+            const float inv = 1.f / sum;
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) row[j] *= inv;
-          L[r0 + i] = mx + std::log(sum);
+            for (int64_t j = 0; j < len; ++j) row[j] *= inv;
+            L[i] = mx + std::log(sum);
+          }
         }
-        gemm_rm(false, false, m, D, n, 1.f, S.data(), n, Vp, V.st, 0.f, Op + r0 * O.st, O.st);
+        gemm_rm(false, false, G * m, D, n, 1.f, S.data(), n, Vp, V.st, 0.f, Os.data(), D);
+        unstack_rows(Os.data(), O, b, h0, G, r0, m, D);
       }
     }
   });
@@ -124,35 +143,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
   const Heads dQ = view(dq, "dq"), dK = view(dk, "dk"), dV = view(dv, "dv");
   const float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(kRows * T), dS(kRows * T);
+    const int64_t R = G * kRows;
+    std::vector<float> P(R * T), dS(R * T), Qs(R * D), Os(R * D), dOs(R * D), dQs(R * D);
     for (int64_t bkv = begin; bkv < end; ++bkv) {
-      const int64_t b = bkv / KV, kvh = bkv % KV;
+      const int64_t b = bkv / KV, kvh = bkv % KV, h0 = kvh * G;
       const float *Kp = K.at(b, kvh), *Vp = V.at(b, kvh);
       float *dKp = dK.at(b, kvh), *dVp = dV.at(b, kvh);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kvh * G + g;
-        const float *Qp = Q.at(b, h), *Op = O.at(b, h), *dOp = dO.at(b, h), *L = lp + (b * H + h) * T;
-        float* dQp = dQ.at(b, h);
-        for (int64_t r0 = 0; r0 < T; r0 += kRows) {
-          const int64_t m = std::min(kRows, T - r0), n = r0 + m;
-          const float *Qr = Qp + r0 * Q.st, *dOr = dOp + r0 * dO.st;
-          gemm_rm(false, true, m, n, D, scale, Qr, Q.st, Kp, K.st, 0.f, P.data(), n);
-          for (int64_t i = 0; i < m; ++i) exp_row(P.data() + i * n, r0 + i + 1, n, L[r0 + i]);
-          gemm_rm(true, false, n, D, m, 1.f, P.data(), n, dOr, dO.st, 1.f, dVp, dV.st);  // dV += P^T dO
-          gemm_rm(false, true, m, n, D, 1.f, dOr, dO.st, Vp, V.st, 0.f, dS.data(), n);  // dP = dO V^T
-          for (int64_t i = 0; i < m; ++i) {
-            const float *orow = Op + (r0 + i) * O.st, *grow = dOr + i * dO.st;
-            float di = 0.f;
-#pragma omp simd reduction(+ : di)
-            for (int64_t d = 0; d < D; ++d) di += orow[d] * grow[d];  // rowsum(dP * P) = rowsum(dO * O)
-            float* srow = dS.data() + i * n;
-            const float* prow = P.data() + i * n;
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) srow[j] = prow[j] * (srow[j] - di);
-          }
-          gemm_rm(false, false, m, D, n, scale, dS.data(), n, Kp, K.st, 0.f, dQp + r0 * dQ.st, dQ.st);  // dQ = dS K
-          gemm_rm(true, false, n, D, m, scale, dS.data(), n, Qr, Q.st, 1.f, dKp, dK.st);  // dK += dS^T Q
+      for (int64_t r0 = 0; r0 < T; r0 += kRows) {
+        const int64_t m = std::min(kRows, T - r0), n = r0 + m, M = G * m;
+        stack_rows(Q, b, h0, G, r0, m, D, Qs.data());
+        stack_rows(O, b, h0, G, r0, m, D, Os.data());
+        stack_rows(dO, b, h0, G, r0, m, D, dOs.data());
+        gemm_rm(false, true, M, n, D, scale, Qs.data(), D, Kp, K.st, 0.f, P.data(), n);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* L = lp + (b * H + h0 + g) * T + r0;
+          for (int64_t i = 0; i < m; ++i) exp_row(P.data() + (g * m + i) * n, r0 + i + 1, n, L[i]);
         }
+        gemm_rm(true, false, n, D, M, 1.f, P.data(), n, dOs.data(), D, 1.f, dVp, dV.st);  // dV += P^T dO
+        gemm_rm(false, true, M, n, D, 1.f, dOs.data(), D, Vp, V.st, 0.f, dS.data(), n);  // dP = dO V^T
+        for (int64_t r = 0; r < M; ++r) {
+          const float *orow = Os.data() + r * D, *grow = dOs.data() + r * D;
+          float di = 0.f;
+#pragma omp simd reduction(+ : di)
+          for (int64_t d = 0; d < D; ++d) di += orow[d] * grow[d];  // rowsum(dP * P) = rowsum(dO * O)
+          float* srow = dS.data() + r * n;
+          const float* prow = P.data() + r * n;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) srow[j] = prow[j] * (srow[j] - di);
+        }
+        gemm_rm(false, false, M, D, n, scale, dS.data(), n, Kp, K.st, 0.f, dQs.data(), D);  // dQ = dS K
+        unstack_rows(dQs.data(), dQ, b, h0, G, r0, m, D);
+        gemm_rm(true, false, n, D, M, scale, dS.data(), n, Qs.data(), D, 1.f, dKp, dK.st);  // dK += dS^T Q
       }
     }
   });
