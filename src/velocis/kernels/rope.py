@@ -18,7 +18,8 @@ from velocis.kernels import cpu_ops
 
 def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate by +angle (by -angle if inverse: the backward)."""
-    if x.dim() == 4 and c.dim() == 2 and x.stride(-1) == 1 and cpu_ops.usable(x, c, s):
+    if (x.dim() == 4 and x.stride(-1) == 1 and c.shape == s.shape == (x.shape[2], x.shape[3] // 2)
+            and cpu_ops.usable(x, c, s)):
         return cpu_ops.ops().rope(x, c, s, inverse)  # one pass (csrc/fused_cpu.cpp)
     if inverse:
         s = -s
