@@ -1,8 +1,8 @@
-// One-pass CPU kernels for the element-wise work around the matmuls (fp32, contiguous rows).
+// One-pass CPU kernels for the element-wise work around the matmuls (fp32).
 //
 // Each replaces a chain of PyTorch ops that each read and write a whole activation: RMSNorm
-// forward/backward, SwiGLU forward/backward, the rotary embedding and the cross-entropy gradient of a
-// chunk of logits. References: kernels/rms_norm.py, kernels/swiglu.py, kernels/rope.py,
+// forward/backward, SwiGLU forward/backward, the rotary embedding and the cross-entropy gradient
+// of a chunk of logits. References: kernels/rms_norm.py, kernels/swiglu.py, kernels/rope.py,
 // kernels/linear_cross_entropy.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
