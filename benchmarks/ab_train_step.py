@@ -96,8 +96,9 @@ def main() -> None:
             t.close()
     a, b = trees
     for name, t in (("A", a), ("B", b)):
-        print(f"{name}: mean {statistics.fmean(t.times) * 1e3:7.1f} ms  median {statistics.median(t.times) * 1e3:7.1f} ms"
-              f"  best {min(t.times) * 1e3:7.1f} ms  last loss {t.loss:.6f}")
+        print(f"{name}: mean {statistics.fmean(t.times) * 1e3:7.1f} ms  "
+              f"median {statistics.median(t.times) * 1e3:7.1f} ms  best {min(t.times) * 1e3:7.1f} ms  "
+              f"last loss {t.loss:.6f}")
     paired = statistics.median(x / y for x, y in zip(a.times, b.times))
     print(f"B over A: {statistics.fmean(a.times) / statistics.fmean(b.times):.3f}x mean, "
           f"{statistics.median(a.times) / statistics.median(b.times):.3f}x median, {paired:.3f}x paired")
