@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
   const float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = G * kRows;
-    std::vector<float> P(R * T), dS(R * T), Qs(R * D), Os(R * D), dOs(R * D), dQs(R * D);
+    std::vector<float> P(R * T), dS(R * T), Qs(R * D), dOs(R * D), dQs(R * D);
     for (int64_t bkv = begin; bkv < end; ++bkv) {
       const int64_t b = bkv / KV, kvh = bkv % KV, h0 = kvh * G;
       const float *Kp = K.at(b, kvh), *Vp = V.at(b, kvh);
@@ -152,7 +152,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
       for (int64_t r0 = 0; r0 < T; r0 += kRows) {
         const int64_t m = std::min(kRows, T - r0), n = r0 + m, M = G * m;
         stack_rows(Q, b, h0, G, r0, m, D, Qs.data());
-        stack_rows(O, b, h0, G, r0, m, D, Os.data());
         stack_rows(dO, b, h0, G, r0, m, D, dOs.data());
         gemm_rm(false, true, M, n, D, scale, Qs.data(), D, Kp, K.st, 0.f, P.data(), n);
         for (int64_t g = 0; g < G; ++g) {
@@ -161,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
         }
         gemm_rm(true, false, n, D, M, 1.f, P.data(), n, dOs.data(), D, 1.f, dVp, dV.st);  // dV += P^T dO
         gemm_rm(false, true, M, n, D, 1.f, dOs.data(), D, Vp, V.st, 0.f, dS.data(), n);  // dP = dO V^T
-        for (int64_t r = 0; r < M; ++r) {
-          const float *orow = Os.data() + r * D, *grow = dOs.data() + r * D;
+        for (int64_t r = 0; r < M; ++r) {  // row r = head h0 + r / m, position r0 + r % m
+          const float *orow = O.at(b, h0 + r / m) + (r0 + r % m) * O.st, *grow = dOs.data() + r * D;
           float di = 0.f;
 #pragma omp simd reduction(+ : di)
           for (int64_t d = 0; d < D; ++d) di += orow[d] * grow[d];  // rowsum(dP * P) = rowsum(dO * O)
