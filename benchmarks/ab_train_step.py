@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_train_cpu import paired_ratio, run, summary  # the same alternation and statistics
 
 WORKER = r"""
 import json, sys, time, torch
@@ -60,6 +61,7 @@ class Tree:
         if self.proc.stdout.readline().strip() != "ready":
             raise SystemExit(f"the worker for {src} did not start (see its error above)")
         self.times: list[float] = []
+        self.setup_s = 0.0
         self.loss = float("nan")
 
     def step(self) -> float:
@@ -86,22 +88,17 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         trees = [Tree(src.resolve(), args, Path(tmp) / f"ext_{i}") for i, src in enumerate((args.src_a, args.src_b))]
-        for t in trees:
-            for _ in range(args.warmup):
-                t.step()
-        for r in range(args.rounds):
-            for t in trees if r % 2 == 0 else reversed(trees):
-                t.times.append(t.step())
+        run(trees, args.rounds, args.warmup)
         for t in trees:
             t.close()
     a, b = trees
+    (mean_a, med_a, _), (mean_b, med_b, _) = summary(a.times), summary(b.times)
     for name, t in (("A", a), ("B", b)):
-        print(f"{name}: mean {statistics.fmean(t.times) * 1e3:7.1f} ms  "
-              f"median {statistics.median(t.times) * 1e3:7.1f} ms  best {min(t.times) * 1e3:7.1f} ms  "
+        mean, med, best = summary(t.times)
+        print(f"{name}: mean {mean * 1e3:7.1f} ms  median {med * 1e3:7.1f} ms  best {best * 1e3:7.1f} ms  "
               f"last loss {t.loss:.6f}")
-    paired = statistics.median(x / y for x, y in zip(a.times, b.times))
-    print(f"B over A: {statistics.fmean(a.times) / statistics.fmean(b.times):.3f}x mean, "
-          f"{statistics.median(a.times) / statistics.median(b.times):.3f}x median, {paired:.3f}x paired")
+    print(f"B over A: {mean_a / mean_b:.3f}x mean, {med_a / med_b:.3f}x median, "
+          f"{paired_ratio(a.times, b.times):.3f}x paired")
     if abs(a.loss - b.loss) > 1e-4 * max(1.0, abs(a.loss)):
         print(f"note: the losses differ ({a.loss:.6f} vs {b.loss:.6f}): the change altered the math")
 
