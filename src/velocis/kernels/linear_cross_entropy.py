@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from velocis.kernels import cpu_ops
+from velocis.kernels import cpu_ops, gemm
 
 # Rows per chunk: ~4M logits (16 MB fp32) keeps a chunk near the L3 cache and its matmuls large.
 CHUNK_LOGITS = 1 << 22
@@ -99,13 +99,13 @@ def _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, b
     flat = buf.view(-1)
     for s in range(0, h.shape[0], chunk_rows):
         hc = h[s:s + chunk_rows]
-        zt = torch.mm(w, hc.t(), out=flat[:w.shape[0] * hc.shape[0]].view(w.shape[0], hc.shape[0]))
+        zt = gemm.mm(w, hc.t(), out=flat[:w.shape[0] * hc.shape[0]].view(w.shape[0], hc.shape[0]))
         loss += cpu_ops.ops().xent_grad_cols_(zt, targets[s:s + chunk_rows].contiguous(), ignore_index,
                                               1.0 / float(n_valid))
         if grad_h is not None:
-            torch.mm(zt.t(), w, out=grad_h[s:s + chunk_rows])
+            torch.mm(zt.t(), w, out=grad_h[s:s + chunk_rows])  # vocab deep: MKL
         if grad_w is not None:
-            grad_w.addmm_(zt, hc)
+            gemm.mm(zt, hc, out=grad_w, beta=1.0)
     return torch.tensor(loss, dtype=torch.float32) / n_valid, grad_h, grad_w
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from velocis.kernels import attention_cpu
+from velocis.kernels.gemm import Linear
 from velocis.models.layers import RMSNorm
 from velocis.models.registry import register_mixer
 from velocis.models.rope import RotaryEmbedding, apply_rope
@@ -52,10 +53,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         h, bias = config.hidden_dim, config.qkv_bias
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
         # Qwen3: RMSNorm over each head's q and k before RoPE
         self.qk_norm = bool(getattr(config, "qk_norm", False))
         if self.qk_norm:

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from velocis.kernels.gemm import Linear
 from velocis.kernels.rms_norm import rms_norm
 from velocis.kernels.swiglu import swiglu
 from velocis.models.registry import register_feed_forward
@@ -41,9 +42,9 @@ class MLP(nn.Module):
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
         h, i = config.hidden_dim, config.mlp_dim
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_proj = Linear(h, i, bias=False)
+        self.up_proj = Linear(h, i, bias=False)
+        self.down_proj = Linear(i, h, bias=False)
         self.reset_parameters(config.init_std, config.num_layers)
 
     @torch.no_grad()
