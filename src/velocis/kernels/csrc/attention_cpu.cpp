@@ -24,13 +24,30 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
 
+namespace velocis_gemm {  // csrc/gemm_cpu.cpp
+struct Mat {
+  const float* p;
+  int64_t rs, cs;
+};
+bool supported();
+void gemm_serial(int64_t M, int64_t N, int64_t K, float alpha, const Mat& A, const Mat& B, float beta, float* C,
+                 int64_t ldc);
+}  // namespace velocis_gemm
+
 namespace {
 
 constexpr int64_t kRows = 64;  // query rows per block
 
-// Row-major C[M, N] = alpha * op(A) * op(B) + beta * C, through the column-major BLAS.
+// Row-major C[M, N] = alpha * op(A) * op(B) + beta * C, single-threaded (each thread owns a block):
+// csrc/gemm_cpu.cpp's loop nest where it is built (AVX2 + FMA), else the column-major BLAS.
 inline void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (velocis_gemm::supported()) {
+    const velocis_gemm::Mat a = ta ? velocis_gemm::Mat{A, 1, lda} : velocis_gemm::Mat{A, lda, 1};
+    const velocis_gemm::Mat b = tb ? velocis_gemm::Mat{B, 1, ldb} : velocis_gemm::Mat{B, ldb, 1};
+    velocis_gemm::gemm_serial(M, N, K, alpha, a, b, beta, C, ldc);
+    return;
+  }
   // C^T = op(B)^T op(A)^T in column-major terms: swap the operands, keep each one's flag
   const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
