@@ -1,7 +1,7 @@
-"""The C++ CPU kernels (csrc/*.cpp), compiled on first use: causal attention, RMSNorm, SwiGLU, RoPE
-and the cross-entropy of a chunk of logits.
+"""The C++ CPU kernels (csrc/*.cpp), compiled on first use: an fp32 GEMM (AVX2 + FMA CPUs), causal
+attention, RMSNorm, SwiGLU, RoPE and the cross-entropy of a chunk of logits.
 
-Built once per machine (~20 s, cached in torch's extension directory under a name keyed by this
+Built once per machine (~30 s, cached in torch's extension directory under a name keyed by this
 CPU, torch version and the sources, since it is compiled with -march=native). Without a C++
 compiler or ninja, with a PyTorch build that does not export its BLAS, or with
 VELOCIS_CPU_KERNELS=0, `ops()` is None and every caller takes its plain-PyTorch path.
@@ -51,7 +51,7 @@ def _load():
     name = f"velocis_cpu_{_build_key()}"
     built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
-        print("velocis: compiling the CPU kernels (once per machine and version, ~20 s)…", file=sys.stderr, flush=True)
+        print("velocis: compiling the CPU kernels (once per machine and version, ~30 s)…", file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], is_python_module=False)
     return torch.ops.velocis_cpu

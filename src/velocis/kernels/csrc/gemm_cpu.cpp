@@ -114,12 +114,22 @@ void pack_b(const Mat& B, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float*
     if (B.cs == 1 && n == NR) {
       for (int64_t k = 0; k < kc; ++k) std::memcpy(out + k * NR, src + k * B.rs, NR * sizeof(float));
     } else if (B.rs == 1) {  // B = W^T with W row-major: each column of B is a contiguous row of W
+      int64_t k = 0;
+      if (n == NR) {  // 8x8 register transposes, two per 8 steps of k
+        for (; k + 8 <= kc; k += 8)
+          for (int64_t c0 = 0; c0 < NR; c0 += 8) {
+            __m256 r[8];
+            for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_ps(src + (c0 + c) * B.cs + k);
+            transpose8(r);
+            for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (k + j) * NR + c0, r[j]);
+          }
+      }
       for (int64_t c = 0; c < n; ++c) {
         const float* col = src + c * B.cs;
-        for (int64_t k = 0; k < kc; ++k) out[k * NR + c] = col[k];
+        for (int64_t kk = k; kk < kc; ++kk) out[kk * NR + c] = col[kk];
       }
       for (int64_t c = n; c < NR; ++c)
-        for (int64_t k = 0; k < kc; ++k) out[k * NR + c] = 0.f;
+        for (int64_t kk = k; kk < kc; ++kk) out[kk * NR + c] = 0.f;
     } else {
       for (int64_t k = 0; k < kc; ++k) {
         for (int64_t c = 0; c < n; ++c) out[k * NR + c] = src[k * B.rs + c * B.cs];
