@@ -43,7 +43,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps on a GPU; on a CPU eager with the C++ kernels is faster)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
