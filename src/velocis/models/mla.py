@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from velocis.errors import VelocisError
+from velocis.kernels.gemm import Linear
 from velocis.models.layers import RMSNorm
 from velocis.models.registry import register_mixer
 from velocis.models.rope import RotaryEmbedding, apply_rope
@@ -107,15 +108,15 @@ class MLA(nn.Module):
         if self.rope % 2:
             raise VelocisError(f"invalid model config: qk_rope_head_dim {self.rope} must be even")
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(h, H * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope, bias=False)
+            self.q_proj = Linear(h, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, h, bias=False)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, h, bias=False)
         self.rotary = RotaryEmbedding(self.rope, config.rope_theta, config.rope_scaling)
         self.scaling = mla_softmax_scale(config)
         self.last_aux_loss = None  # the indexer's KL loss while it trains (see _indexer_loss)

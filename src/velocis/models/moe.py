@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from velocis.kernels.gemm import Linear
+
 __all__ = [
     "MoE",
     "Router",
@@ -144,9 +146,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_dim: int, inner_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_dim, inner_dim, bias=False)
-        self.up_proj = nn.Linear(hidden_dim, inner_dim, bias=False)
-        self.down_proj = nn.Linear(inner_dim, hidden_dim, bias=False)
+        self.gate_proj = Linear(hidden_dim, inner_dim, bias=False)
+        self.up_proj = Linear(hidden_dim, inner_dim, bias=False)
+        self.down_proj = Linear(inner_dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from velocis.kernels.gemm import Linear
 from velocis.models.layers import RMSNorm
 
 
@@ -35,7 +36,7 @@ class MTPLayer(nn.Module):
         self.depth = depth  # 1-based
         self.enorm = RMSNorm(h, config.norm_eps)
         self.hnorm = RMSNorm(h, config.norm_eps)
-        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.eh_proj = Linear(2 * h, h, bias=False)
         # the block has the parts of the main model's last layer (DeepSeek-V3: MLA + MoE)
         self.block = Block(config, config.num_layers - 1)
         for part in (self.block.mixer, self.block.feed_forward):
