@@ -95,8 +95,9 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
 
 def _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, buf, grad_h, grad_w):
     """CPU fp32: each chunk's logits as [vocab, rows] (= W h^T), loss and gradient in one C++ pass
-    (csrc/fused_cpu.cpp). At a small hidden size MKL runs these three matmuls (W h^T, g^T W, g h)
-    faster than the row-major ones (3-5% of a micro-preset step)."""
+    (csrc/fused_cpu.cpp). At a small hidden size MKL ran these three matmuls (W h^T, g^T W, g h)
+    faster than the row-major ones (3-5% of a micro-preset step); they now go through Velocis' GEMM
+    (kernels/gemm.py), torch.mm where it is not built."""
     loss = 0.0
     flat = buf.view(-1)
     for s in range(0, h.shape[0], chunk_rows):
@@ -105,7 +106,7 @@ def _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, b
         loss += cpu_ops.ops().xent_grad_cols_(zt, targets[s:s + chunk_rows].contiguous(), ignore_index,
                                               1.0 / float(n_valid))
         if grad_h is not None:
-            torch.mm(zt.t(), w, out=grad_h[s:s + chunk_rows])  # vocab deep: MKL
+            gemm.mm(zt.t(), w, out=grad_h[s:s + chunk_rows])
         if grad_w is not None:
             gemm.mm(zt, hc, out=grad_w, beta=1.0)
     return torch.tensor(loss, dtype=torch.float32) / n_valid, grad_h, grad_w

@@ -2,9 +2,8 @@
 //
 // Reference: torch.addmm (tests hold this to it). Why not MKL: at a small model's shapes (256-700
 // deep, thousands of rows) MKL's sgemm reaches ~80 GFLOP/s per Zen 3 core out of a 95 peak; this
-// BLIS-style loop nest (Goto's algorithm) with a 6x16 register tile gets ~87-90 on products up to
-// 1024 deep, and the matmuls are ~80% of a small model's CPU training step (kernels/gemm.py
-// decides which products come here).
+// BLIS-style loop nest (Goto's algorithm) with a 6x16 register tile gets ~87-90, and the matmuls
+// are ~80% of a small model's CPU training step (kernels/gemm.py decides which products come here).
 //
 // Loop nest (BLIS naming): columns of B in NC blocks -> depth in KC blocks (pack B's KC x NC block
 // as 16-column micro-panels) -> rows of A in MC blocks (pack as 6-row micro-panels, kept in L2)
@@ -38,10 +37,10 @@ struct Mat {  // element (i, j) at p[i * rs + j * cs]
 
 #if VELOCIS_GEMM
 
-// KC: the depth of one pass. Each further pass re-reads and re-writes C and measured ~15% slower
-// per FLOP here (K = 512 as one pass: 89 GFLOP/s, as two: 76), so depths up to 1024 go in one,
-// with the B micro-panel streaming from L2. Callers send deeper products (K = tokens) to MKL.
-constexpr int64_t MR = 6, NR = 16, KC = 1024, MC = 120, NC = 3072;
+// KC: the depth of one pass. Depths up to 1024 go in one pass, the B micro-panel streaming from
+// L2 (with A packed element by element, K = 512 as two passes ran 76 GFLOP/s, as one 89). Deeper
+// products (the weight gradient, K = tokens) take passes of ~KC_DEEP, whose B block stays in L2.
+constexpr int64_t MR = 6, NR = 16, KC = 1024, KC_DEEP = 256, MC = 120, NC = 3072;
 
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
@@ -213,7 +212,7 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, float alpha, const Mat& A, con
   float* bp = scratch(0, static_cast<size_t>(KC) * ((std::min(NC, N) + NR - 1) / NR * NR));
   float* ap = scratch(1, static_cast<size_t>(KC) * ((std::min(MC, M) + MR - 1) / MR * MR) + 8);
   // depth blocks of equal size: K = 1600 is 2 x 800, not 1024 + 576
-  const int64_t kblocks = (K + KC - 1) / KC, kstep = (K + kblocks - 1) / kblocks;
+  const int64_t kblocks = K <= KC ? 1 : (K + KC_DEEP - 1) / KC_DEEP, kstep = (K + kblocks - 1) / kblocks;
   for (int64_t j0 = 0; j0 < N; j0 += NC) {
     const int64_t nc = std::min(NC, N - j0);
     for (int64_t p0 = 0; p0 < K; p0 += kstep) {
@@ -226,17 +225,21 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, float alpha, const Mat& A, con
         // While this block computes, pull the next block's rows of A into L2, a few cache lines
         // before each kernel: packing them then reads L2, not memory (row-major A, e.g. the
         // activations in x W^T; packing was 10-15% of the time at N = 128-256, now 1-4%).
-        const int64_t next_rows = A.cs == 1 && i0 + MC < M ? std::min(MC, M - i0 - MC) : 0;
-        const int64_t row_lines = (kc + 15) / 16, lines = next_rows * row_lines;
+        const int64_t next_rows = i0 + MC < M ? std::min(MC, M - i0 - MC) : 0;
+        const bool by_row = A.cs == 1;  // else A = dY^T (A.rs == 1): k-strips of next_rows floats
+        const int64_t strips = by_row ? next_rows : (A.rs == 1 && next_rows ? kc : 0);
+        const int64_t strip_lines = by_row ? (kc + 15) / 16 : (next_rows + 15) / 16;
+        const int64_t strip_stride = by_row ? A.rs : A.cs, lines = strips * strip_lines;
         const int64_t kernels = (nc + NR - 1) / NR * ((mc + MR - 1) / MR);
         const int64_t per_kernel = (lines + kernels - 1) / kernels;
-        const float* next_a = A.p + (i0 + MC) * A.rs + p0;
+        const float* next_a = A.p + (i0 + MC) * A.rs + p0 * A.cs;
         int64_t line = 0;
         for (int64_t j = 0; j < nc; j += NR)
           for (int64_t i = 0; i < mc; i += MR) {
             for (int64_t q = 0; q < per_kernel && line < lines; ++q, ++line)
-              _mm_prefetch(reinterpret_cast<const char*>(next_a + line / row_lines * A.rs + line % row_lines * 16),
-                           _MM_HINT_T1);
+              _mm_prefetch(
+                  reinterpret_cast<const char*>(next_a + line / strip_lines * strip_stride + line % strip_lines * 16),
+                  _MM_HINT_T1);
             micro_kernel(kc, ap + i * kc, bp + j * kc, C + (i0 + i) * ldc + j0 + j, ldc, std::min(MR, mc - i),
                          std::min(NR, nc - j), alpha, b);
           }
