@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(_CSRC.glob("*.cpp"))
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once loaded, or "error"
 
@@ -31,7 +32,7 @@ def _build_key() -> str:
     except OSError:
         flags = ""
     key = hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags} {torch.__version__}".encode())
-    for p in _SOURCES:
+    for p in _SOURCES + sorted(_CSRC.glob("*.h")):  # headers too: a changed one must rebuild
         key.update(p.read_bytes())
     return key.hexdigest()[:10]
 

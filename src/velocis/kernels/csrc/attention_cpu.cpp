@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "gemm_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -23,16 +25,6 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
-
-namespace velocis_gemm {  // csrc/gemm_cpu.cpp
-struct Mat {
-  const float* p;
-  int64_t rs, cs;
-};
-bool supported();
-void gemm_serial(int64_t M, int64_t N, int64_t K, float alpha, const Mat& A, const Mat& B, float beta, float* C,
-                 int64_t ldc);
-}  // namespace velocis_gemm
 
 namespace {
 

@@ -21,6 +21,8 @@
 #include <cstring>
 #include <memory>
 
+#include "gemm_cpu.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VELOCIS_GEMM 1
@@ -29,11 +31,6 @@
 #endif
 
 namespace velocis_gemm {
-
-struct Mat {  // element (i, j) at p[i * rs + j * cs]
-  const float* p;
-  int64_t rs, cs;
-};
 
 #if VELOCIS_GEMM
 
