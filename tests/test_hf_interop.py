@@ -130,7 +130,7 @@ def test_sliding_window_caps_the_context(tmp_path):
     vmodel, _ = velocis.load(tmp_path / "hf", device="cpu")
     assert vmodel.config.max_seq_len == 16  # exact within the window, refused beyond it
     assert _max_diff(hf_model, vmodel, T=16) < 1e-4
-    with pytest.raises(VelocisError, match="too long"):
+    with pytest.raises(VelocisError, match="past the end of the model's context"):
         vmodel(torch.zeros(1, 17, dtype=torch.long))
 
 

@@ -24,10 +24,10 @@ def test_forward_shapes_and_loss():
     model = VelocisModel(tiny(num_kv_heads=2))
     x = torch.randint(0, 97, (2, 10))
     assert model(x).shape == (2, 10, 97)
-    loss, stats = model.compute_loss(x, torch.randint(0, 97, (2, 10)))
-    assert abs(loss.item() - math.log(97)) < 0.5  # small init: close to uniform
-    assert set(stats) == {"lm_loss"}
-    loss.backward()
+    out = model(x, torch.randint(0, 97, (2, 10)))
+    assert abs(out.loss.item() - math.log(97)) < 0.5  # small init: close to uniform
+    assert set(out.stats) == {"lm_loss"} and out.aux_losses == {} and int(out.num_tokens) == 20
+    out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
@@ -95,12 +95,12 @@ def test_bad_config_errors(kw, words):
 
 def test_sequence_longer_than_context_is_clear():
     model = VelocisModel(tiny(max_seq_len=16))
-    with pytest.raises(VelocisError, match=r"17 tokens is too long.*context is 16"):
+    with pytest.raises(VelocisError, match=r"position 16 is past the end of the model's context \(16 tokens\)"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(VelocisError, match="exceeds the model's context"):
         list(generate_ids(model, torch.zeros(1, 10, dtype=torch.long), 7))
     cache = model.new_cache(1, 8)
-    with pytest.raises(VelocisError, match="KV cache holds 8"):
+    with pytest.raises(VelocisError, match=r"past the end of the cache \(8 tokens\)"):
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
 
 
@@ -130,10 +130,9 @@ def test_moe_model_loss_has_aux_and_load():
     model = VelocisModel(cfg).train()
     assert [b.feed_forward_name for b in model.layers] == ["mlp", "moe", "moe"]
     x = torch.randint(0, 97, (2, 16))
-    loss, stats = model.compute_loss(x, x)
-    assert {"lm_loss", "aux_loss", "expert_load"} <= set(stats)
-    assert torch.isclose(loss, stats["lm_loss"] + cfg.aux_loss_coef * stats["aux_loss"])
-    model.update_expert_bias()
+    out = model(x, x)
+    assert {"lm_loss", "moe_balance", "expert_load"} <= set(out.stats)
+    assert torch.isclose(out.loss, out.stats["lm_loss"] + cfg.aux_loss_coef * out.stats["moe_balance"])
 
 
 def test_meta_device_builds_huge_configs_for_free():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from velocis.config import ModelConfig
-from velocis.models.moe import MoE, dispatch, moe_aux_loss, moe_stats, naive_moe_experts, route, update_expert_bias
+from velocis.models.moe import MoE, dispatch, moe_stats, naive_moe_experts, route, update_expert_bias
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -96,7 +96,7 @@ def test_capacity_drops_overflow_deterministically():
 
 def test_moe_capacity_factor_layer():
     cfg = tiny_cfg(capacity_factor=1.0, balance="none")
-    m = MoE(cfg, 0)
+    m = MoE(cfg, 0).eval()
     x = torch.randn(2, 16, 32)
     out = m(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
@@ -183,12 +183,11 @@ def test_aux_loss_is_one_when_balanced_and_has_grad():
     with torch.no_grad():
         m.gate.weight.zero_()  # uniform probabilities
     x = torch.randn(4, 8, 32)
-    m(x)
+    _, aux = m(x)
     # uniform P_i = 1/E, so E * sum f_i / E = 1 regardless of the (tie-broken) loads
-    assert abs(m.last_aux_loss.item() - 1.0) < 1e-6
+    assert set(aux) == {"moe_balance"} and abs(aux["moe_balance"].item() - 1.0) < 1e-6
     m.gate.weight.data.normal_(0, 1.0)
-    m(x)
-    m.last_aux_loss.backward()
+    m(x)[1]["moe_balance"].backward()
     assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
 
 
@@ -199,13 +198,11 @@ def test_aux_free_bias_update_and_stats():
         model[0].gate.weight.zero_()
         model[0].gate.weight[0] += 1.0  # push every token to expert 0
     x = torch.randn(4, 8, 32).abs()
-    model[0](x)
-    model[1](x)
+    assert model[0](x)[1] == {} and model[1](x)[1] == {}  # aux_free adds no loss
     load = model[0].load_accum.clone()
     assert load.sum() == 4 * 8 * 2
     stats = moe_stats(model)
     assert len(stats["expert_load"]) == 2 and stats["expert_imbalance_max"] >= stats["expert_imbalance"] >= 1.0
-    assert moe_aux_loss(model) is None  # aux_free adds no loss
     update_expert_bias(model)
     bias = model[0].gate.e_score_correction_bias
     expect = 0.01 * torch.sign(load.mean() - load)
@@ -252,11 +249,11 @@ def test_moe_model_under_torch_compile_matches_eager():
     torch.manual_seed(0)
     m = VelocisModel(tiny_cfg(balance="aux_loss")).train()
     x = torch.randint(0, 64, (2, 16))
-    eager, _ = m.compute_loss(x, x)
-    compiled = torch.compile(lambda a, b: m.compute_loss(a, b))
-    loss, stats = compiled(x, x)
-    loss.backward()
-    assert abs(loss.item() - eager.item()) < 1e-5 and stats["expert_imbalance"] >= 1.0
+    eager = m(x, x).loss
+    compiled = torch.compile(lambda a, b: m(a, b))
+    out = compiled(x, x)
+    out.loss.backward()
+    assert abs(out.loss.item() - eager.item()) < 1e-5 and out.stats["expert_imbalance"] >= 1.0
 
 
 def test_moe_model_trains_under_bf16_autocast():
@@ -270,8 +267,8 @@ def test_moe_model_trains_under_bf16_autocast():
     model = VelocisModel(cfg)
     x = torch.randint(0, 128, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = model.compute_loss(x, torch.roll(x, -1, 1))
+        loss = model(x, torch.roll(x, -1, 1)).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    fp32, _ = model.compute_loss(x, torch.roll(x, -1, 1))
+    fp32 = model(x, torch.roll(x, -1, 1)).loss
     assert abs(loss.item() - fp32.item()) < 0.05

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from velocis.config import ModelConfig
-from velocis.models.moe import MoE, moe_aux_loss, moe_stats, update_expert_bias
+from velocis.models import VelocisModel
+from velocis.models.moe import update_expert_bias
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.exists():
@@ -43,71 +42,25 @@ def byte_data(max_bytes: int = 2_000_000) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
 
 
-class _TinyLM(nn.Module):
-    """Fallback decoder (pre-norm causal attention + MoE) used only while velocis.models lacks VelocisModel."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.hidden_dim)
-        self.layers = nn.ModuleList()
-        for i in range(cfg.num_layers):
-            self.layers.append(nn.ModuleDict(dict(
-                n1=nn.RMSNorm(cfg.hidden_dim), qkv=nn.Linear(cfg.hidden_dim, 3 * cfg.hidden_dim, bias=False),
-                o=nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False), n2=nn.RMSNorm(cfg.hidden_dim),
-                ff=MoE(cfg, i))))
-        self.norm = nn.RMSNorm(cfg.hidden_dim)
-
-    def compute_loss(self, x, y):
-        b, t = x.shape
-        h = self.emb(x)
-        nh = self.cfg.num_heads
-        for L in self.layers:
-            q, k, v = L["qkv"](L["n1"](h)).view(b, t, 3, nh, -1).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
-            h = h + L["o"](a)
-            h = h + L["ff"](L["n2"](h))
-        logits = self.norm(h) @ self.emb.weight.t()
-        lm = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
-        stats = {"lm_loss": lm.detach()}
-        aux = moe_aux_loss(self)
-        loss = lm
-        if aux is not None:
-            loss = lm + self.cfg.aux_loss_coef * aux
-            stats["aux_loss"] = aux.detach()
-        stats.update(moe_stats(self))
-        return loss, stats
-
-
-def build(cfg: ModelConfig) -> nn.Module:
-    try:
-        from velocis.models import VelocisModel
-    except ImportError:
-        return _TinyLM(cfg)
-    return VelocisModel(cfg)
-
-
 def balance_run(balance: str, steps: int = 300, seed: int = 0, seq_len: int = 128, batch: int = 8, **overrides) -> dict:
     torch.manual_seed(seed)
     cfg = ModelConfig(**{**dict(vocab_size=256, hidden_dim=64, num_layers=2, num_heads=4, mlp_dim=128,
                                 max_seq_len=seq_len, num_experts=8, num_experts_per_token=2, moe_dim=64,
                                 balance=balance, **SETTINGS.get(balance, {})), **overrides})
     data = byte_data()
-    model = build(cfg).train()
+    model = VelocisModel(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     imb, losses, loads = [], [], []
     for step in range(steps):
         starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=g)
         chunk = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
-        loss, stats = model.compute_loss(chunk[:, :-1], chunk[:, 1:])
-        loss.backward()
+        out = model(chunk[:, :-1], chunk[:, 1:])
+        stats = out.stats
+        out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if hasattr(model, "update_expert_bias"):
-            model.update_expert_bias()
-        else:
-            update_expert_bias(model)
+        update_expert_bias(model)
         imb.append(float(stats["expert_imbalance"]))
         loads.append(torch.tensor(stats["expert_load"], dtype=torch.float))
         losses.append(float(stats["lm_loss"]))
@@ -153,7 +106,7 @@ if __name__ == "__main__":
 
 def test_trainer_logs_expert_load_and_updates_bias(tmp_path, capsys):
     """`velocis train-custom` with an aux_free MoE: metrics.jsonl carries the expert load and the
-    trainer's update_expert_bias() hook moves the router bias."""
+    trainer's optimizer-step hook (the layer's after_optimizer_step) moves the router bias."""
     import json
 
     from velocis.cli import main

@@ -36,18 +36,18 @@ def test_mtp_loss_definition_and_weighting():
     model = VelocisModel(_cfg())
     x, y = _progressions(3, 16, torch.Generator().manual_seed(0))
     model.train()
-    loss, stats = model.compute_loss(x, y)
-    assert "mtp_loss" in stats and "lm_loss" in stats
-    h = model.hidden_states(x)
-    per_depth = model.mtp.per_depth_logits(h, x, model)
+    out = model(x, y, return_hidden=True)
+    loss, stats = out.loss, out.stats
+    assert "mtp" in stats and "lm_loss" in stats
+    per_depth = model.mtp.per_depth_logits(model.norm(out.hidden), x, model.embed_tokens, model.lm_head)
     assert [tuple(l.shape) for l in per_depth] == [(3, 15, V), (3, 14, V)]
     # depth k at position i predicts token i+k+1 = y[:, i+k]
     manual = torch.stack([F.cross_entropy(l.reshape(-1, V), y[:, k + 1:].reshape(-1))
                           for k, l in enumerate(per_depth)]).mean()
-    assert torch.allclose(stats["mtp_loss"], manual, atol=1e-5)
-    assert torch.allclose(loss, stats["lm_loss"] + 0.3 * stats["mtp_loss"], atol=1e-5)
+    assert torch.allclose(stats["mtp"], manual, atol=1e-5)
+    assert torch.allclose(loss, stats["lm_loss"] + 0.3 * stats["mtp"], atol=1e-5)
     model.eval()
-    assert "mtp_loss" not in model.compute_loss(x, y)[1]
+    assert "mtp" not in model(x, y).stats
 
 
 def test_mtp_micro_run_losses_fall(capsys):
@@ -61,11 +61,11 @@ def test_mtp_micro_run_losses_fall(capsys):
     t0 = time.perf_counter()
     for step in range(100):
         x, y = _progressions(16, 24, gen)
-        loss, stats = model.compute_loss(x, y)
+        out = model(x, y)
         opt.zero_grad()
-        loss.backward()
+        out.loss.backward()
         opt.step()
-        log.append((stats["lm_loss"].item(), stats["mtp_loss"].item()))
+        log.append((out.stats["lm_loss"].item(), out.stats["mtp"].item()))
     secs = time.perf_counter() - t0
     first = [sum(v) / 5 for v in zip(*log[:5])]
     last = [sum(v) / 5 for v in zip(*log[-5:])]
@@ -73,8 +73,8 @@ def test_mtp_micro_run_losses_fall(capsys):
     model.eval()
     x, _ = _progressions(32, 25, torch.Generator().manual_seed(9))
     with torch.no_grad():
-        h = model.hidden_states(x[:, :20])
-        drafts = model.mtp.draft(model, h, x[:, :21])  # ids incl. the next true token
+        h = model.norm(model(x[:, :20], return_hidden=True).hidden)
+        drafts = model.mtp.draft(h, x[:, :21], model.embed_tokens, model.lm_head)  # ids incl. the next true token
     acc = (drafts == x[:, 21:23]).float().mean(0)
     with capsys.disabled():
         print(f"\nMTP micro run ({secs:.1f} s, 100 steps): lm_loss {first[0]:.3f} -> {last[0]:.3f}, "
@@ -89,9 +89,10 @@ def test_draft_matches_per_depth_logits():
     model = VelocisModel(_cfg(mtp_depth=1)).eval()
     x = torch.randint(0, V, (2, 11))
     with torch.no_grad():
-        h = model.hidden_states(x[:, :10])
-        d = model.mtp.draft(model, h, x)
-        ref = model.mtp.per_depth_logits(model.hidden_states(x), x, model)[0][:, 9].argmax(-1)
+        h = model.norm(model(x[:, :10], return_hidden=True).hidden)
+        d = model.mtp.draft(h, x, model.embed_tokens, model.lm_head)
+        hx = model.norm(model(x, return_hidden=True).hidden)
+        ref = model.mtp.per_depth_logits(hx, x, model.embed_tokens, model.lm_head)[0][:, 9].argmax(-1)
     assert torch.equal(d[:, 0], ref)
 
 
@@ -105,8 +106,10 @@ def test_mtp_saved_and_loaded(tmp_path):
     back, _ = velocis.load(tmp_path / "m", device="cpu")
     x = torch.randint(0, V, (2, 9))
     with torch.no_grad():
-        a = model.mtp.per_depth_logits(model.hidden_states(x), x, model)
-        b = back.mtp.per_depth_logits(back.hidden_states(x), x, back)
+        a = model.mtp.per_depth_logits(model.norm(model(x, return_hidden=True).hidden), x, model.embed_tokens,
+                                       model.lm_head)
+        b = back.mtp.per_depth_logits(back.norm(back(x, return_hidden=True).hidden), x, back.embed_tokens,
+                                      back.lm_head)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a, b))
     assert any(k.startswith("mtp.layers.1.block.mixer.kv_b_proj") for k in back.state_dict())
 
@@ -118,12 +121,13 @@ def test_mtp_cached_step_matches_full_sequence():
     model = VelocisModel(_cfg(mtp_depth=1)).eval()
     x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        h = model.hidden_states(x)
-        ref = model.mtp.per_depth_logits(h, x, model)[0]  # [2, 15, V]
+        h = model.norm(model(x, return_hidden=True).hidden)
+        emb, head = model.embed_tokens, model.lm_head
+        ref = model.mtp.per_depth_logits(h, x, emb, head)[0]  # [2, 15, V]
         cache = model.mtp.new_cache(2, 16)[0]
-        outs = [model.mtp.logits(model, h[:, :6], x[:, 1:7], depth=1, positions=torch.arange(6), cache=cache)[0]]
+        outs = [model.mtp.logits(h[:, :6], x[:, 1:7], emb, head, depth=1, positions=torch.arange(6), cache=cache)[0]]
         for i in range(6, 15):
-            outs.append(model.mtp.logits(model, h[:, i:i + 1], x[:, i + 1:i + 2], depth=1,
+            outs.append(model.mtp.logits(h[:, i:i + 1], x[:, i + 1:i + 2], emb, head, depth=1,
                                          positions=torch.tensor([i]), cache=cache)[0])
     assert (torch.cat(outs, dim=1) - ref).abs().max().item() < 1e-4
 
@@ -135,8 +139,18 @@ def test_mtp_moe_blocks_join_the_balance_loss():
                mtp_depth=1)
     model = VelocisModel(cfg).train()
     x, y = _progressions(2, 16, torch.Generator().manual_seed(0))
-    _, stats = model.compute_loss(x, y)
-    parts = [b.feed_forward for b in list(model.layers) + [layer.block for layer in model.mtp.layers]]
-    aux = [p.last_aux_loss for p in parts if getattr(p, "last_aux_loss", None) is not None]
-    assert len(aux) == cfg.num_layers + 1  # every main MoE layer and the MTP block's
-    torch.testing.assert_close(stats["aux_loss"], torch.stack(aux).mean().detach())
+    out = model(x, y, return_hidden=True)
+    # recompute each MoE layer's balance loss from its input: every main layer and the MTP block's
+    from velocis.models.positions import Positions
+
+    h = model.embed_tokens(x)
+    pos = Positions(torch.arange(x.shape[1]))
+    per_layer = []
+    for block in model.layers:
+        h, aux = block(h, pos)
+        per_layer.append(aux["moe_balance"])
+    layer = model.mtp.layers[0]
+    _, aux = layer(model.norm(h)[:, :-1], model.embed_tokens(x[:, 1:]), Positions(torch.arange(x.shape[1] - 1)))
+    per_layer.append(aux["moe_balance"])
+    assert len(per_layer) == cfg.num_layers + 1
+    torch.testing.assert_close(out.stats["moe_balance"], torch.stack(per_layer).mean().detach())

@@ -69,8 +69,8 @@ def test_kernels_trace_under_torch_compile():
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
-    eager = loss_and_grads(lambda a, b: model.compute_loss(a, b)[0])
-    compiled = loss_and_grads(torch.compile(lambda a, b: model.compute_loss(a, b)[0], backend="aot_eager"))
+    eager = loss_and_grads(lambda a, b: model(a, b).loss)
+    compiled = loss_and_grads(torch.compile(lambda a, b: model(a, b).loss, backend="aot_eager"))
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
 

@@ -108,7 +108,7 @@ def test_missing_data_paths(capsys, tmp_path):
 def test_seq_len_longer_than_context(data_dir, capsys, tmp_path):
     err = cli_error(capsys, ["train-custom", "--data", str(data_dir), "--output-dir", str(tmp_path), *TINY,
                              "--seq-len", "128", "--max-steps", "1"])
-    assert "--seq-len 128" in err and "context (64" in err
+    assert "seq_len (--seq-len) 128" in err and "context (64" in err
 
 
 def test_resume_without_checkpoint(data_dir, capsys, tmp_path):
@@ -125,8 +125,8 @@ def test_nan_stops_naming_the_step(data_dir, tmp_path):
     class NaNAtStep3(NextTokenObjective):
         calls = 0
 
-        def __call__(self, model, batch):
-            loss, stats = super().__call__(model, batch)
+        def __call__(self, model, batch, num_tokens):
+            loss, stats = super().__call__(model, batch, num_tokens)
             self.calls += model.training  # count training steps, not validation batches
             return (loss * float("nan") if self.calls == 3 else loss), stats
 

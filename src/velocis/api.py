@@ -7,22 +7,7 @@ from typing import Callable, Iterator
 import torch
 
 from velocis.errors import VelocisError
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VelocisError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on a GPU that supports it."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+from velocis.utils.device import default_dtype, resolve_device
 
 
 def load(path: str | Path, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None):
@@ -48,19 +33,90 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: to
     return hf.load_hf(path, device=dev, dtype=dtype)
 
 
-def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.8,
-             top_k: int | None = 50, top_p: float | None = None, seed: int | None = None, add_bos: bool = True,
-             stop_at_eos: bool = True, stream: bool = False,
-             callback: Callable[[str], None] | None = None, stats: dict | None = None) -> str | Iterator[str]:
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
+
+
+def generate(model, tokenizer, prompt: str | list[int] | list[str] | list[list[int]], max_new_tokens: int = 128,
+             temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+             add_bos: bool = True, stop_at_eos: bool = True, stream: bool = False,
+             callback: Callable[[str], None] | None = None, stats: dict | None = None) -> str | list[str] | Iterator[str]:
     """Continue `prompt`; returns the generated text (without the prompt).
 
-    stream=True returns an iterator of text pieces as they are produced (UTF-8 safe);
+    A list of prompts (strings or token-id lists) runs as one batch and returns a list of texts;
+    each row stops at its own EOS, and greedy outputs equal each prompt run alone.
+    stream=True (one prompt) returns an iterator of text pieces as they are produced (UTF-8 safe);
     callback(piece) is called for each piece either way. `stats`, if given, receives
     new_tokens, seconds and tokens_per_s.
     """
+    stats = stats if stats is not None else {}
+    if _is_batch(prompt):
+        if stream or callback is not None:
+            raise VelocisError("stream and callback take one prompt; for a list of prompts call without them")
+        return _generate_batch(model, tokenizer, list(prompt), max_new_tokens, temperature, top_k, top_p, seed,
+                               add_bos, stop_at_eos, stats)
     pieces = _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
-                              stop_at_eos, callback, stats if stats is not None else {})
+                              stop_at_eos, callback, stats)
     return pieces if stream else "".join(pieces)
+
+
+def _prompt_ids(model, tokenizer, prompt, add_bos: bool) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise VelocisError("this model directory has no tokenizer (tokenizer.json); pass token ids or add one")
+        bos = add_bos and getattr(tokenizer, "bos_id", None) is not None
+        ids = tokenizer.encode(prompt, add_bos=bos)
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        bos = getattr(tokenizer, "bos_id", None)
+        if bos is None:
+            raise VelocisError("the prompt is empty and the tokenizer has no BOS token; give a prompt")
+        ids = [bos]
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise VelocisError(f"the prompt has token id {max(ids)} but the model's vocabulary has {vocab} ids; "
+                           f"is the tokenizer the one this model was trained with?")
+    return ids
+
+
+def _sampling_setup(model, tokenizer, seed, stop_at_eos):
+    device = model.device
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    stop = {eos} if (stop_at_eos and eos is not None) else set()
+    return gen, stop
+
+
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
+                    stop_at_eos, stats) -> list[str]:
+    import time
+
+    from velocis.infer.generate import generate_ids
+
+    if tokenizer is None:
+        raise VelocisError("this model directory has no tokenizer (tokenizer.json); use generate_ids with token ids")
+    rows = [_prompt_ids(model, tokenizer, p, add_bos) for p in prompts]
+    gen, stop = _sampling_setup(model, tokenizer, seed, stop_at_eos)
+    out: list[list[int]] = [[] for _ in rows]
+    finished = [False] * len(rows)
+    t0 = time.perf_counter()
+    for nxt in generate_ids(model, rows, max_new_tokens, temperature, top_k or None, top_p, gen, stop):
+        for b, t in enumerate(nxt.tolist()):
+            if finished[b] or t in stop:
+                finished[b] = True
+                continue
+            out[b].append(t)
+    seconds = time.perf_counter() - t0
+    new = sum(len(o) for o in out)
+    stats.update(prompt_tokens=sum(map(len, rows)), new_tokens=new, seconds=seconds,
+                 tokens_per_s=new / max(seconds, 1e-9))
+    return [tokenizer.decode(o) for o in out]
 
 
 def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
@@ -71,34 +127,12 @@ def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_
 
     if tokenizer is None:
         raise VelocisError("this model directory has no tokenizer (tokenizer.json); pass token ids or add one")
-    if isinstance(prompt, str):
-        bos = add_bos and getattr(tokenizer, "bos_id", None) is not None
-        ids = tokenizer.encode(prompt, add_bos=bos)
-    else:
-        ids = list(prompt)
-    if not ids:
-        bos = getattr(tokenizer, "bos_id", None)
-        if bos is None:
-            raise VelocisError("the prompt is empty and the tokenizer has no BOS token; give a prompt")
-        ids = [bos]
-    vocab = model.config.vocab_size
-    if max(ids) >= vocab or min(ids) < 0:
-        raise VelocisError(f"the prompt has token id {max(ids)} but the model's vocabulary has {vocab} ids; "
-                           f"is the tokenizer the one this model was trained with?")
-    device = next(model.parameters()).device
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-    eos = getattr(tokenizer, "eos_id", None)
-    if eos is None:
-        eos = model.config.eos_token_id
-    stop = {eos} if (stop_at_eos and eos is not None) else set()
+    ids = _prompt_ids(model, tokenizer, prompt, add_bos)
+    gen, stop = _sampling_setup(model, tokenizer, seed, stop_at_eos)
     decoder = StreamDecoder(tokenizer)
-    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     stats.update(prompt_tokens=len(ids), new_tokens=0)
     t0 = time.perf_counter()
-    for nxt in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k or None, top_p, gen, stop):
+    for nxt in generate_ids(model, [ids], max_new_tokens, temperature, top_k or None, top_p, gen, stop):
         t = int(nxt[0])
         if t in stop:
             break

@@ -1,7 +1,8 @@
 """ModelConfig: one JSON-serialisable dataclass describes every Velocis model.
 
-A block is a token *mixer* plus a *feed-forward*, chosen per layer:
-  mixer:        "attention" (MHA/GQA/MQA by num_kv_heads) | "mla" (later: "mamba", "linear")
+A block is a token *mixer* plus a *feed-forward*, chosen per layer from the registries
+(velocis.models.registry; the names valid here are the registered ones):
+  mixer:        "attention" (MHA/GQA/MQA by num_kv_heads) | "mla"
   feed_forward: "mlp" (SwiGLU) | "moe" (sparse mixture of experts)
 `layer_mixers` / `layer_feed_forwards` give the per-layer choice; when None, every layer uses
 `mixer`, and the feed-forward is "moe" when num_experts > 0 (except the first
@@ -16,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from velocis.errors import VelocisError
-
-MIXERS = ("attention", "mla")
-FEED_FORWARDS = ("mlp", "moe")
+from velocis.models.registry import FEED_FORWARDS, MIXERS
 
 
 @dataclass
@@ -62,7 +61,8 @@ class ModelConfig:
     topk_groups: int = 1  # groups kept per token (DeepSeek-V3 topk_group)
     routed_scaling_factor: float = 1.0
     balance: str = "aux_loss"  # "aux_loss" | "aux_free" | "none"
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = 0.01  # "aux_loss" balance (normalised to 1.0 when balanced, whatever top-k)
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3's sequence-wise balance loss (0 = off); combines with aux_free
     bias_update_rate: float = 1e-3  # aux-loss-free per-expert bias step
     capacity_factor: float | None = None  # None = dropless
 
@@ -81,6 +81,7 @@ class ModelConfig:
     index_num_heads: int = 0  # 0 = dense attention
     index_head_dim: int = 128
     index_topk: int = 2048
+    indexer_loss_coef: float = 1.0  # the indexer's KL objective (only while it trains; see models/dsa.py)
 
     # --- special tokens (filled from the tokenizer) ---
     bos_token_id: int | None = None
@@ -117,10 +118,10 @@ class ModelConfig:
             )
         for i, m in enumerate(self.mixers()):
             if m not in MIXERS:
-                bad(f"layer {i} mixer {m!r} is unknown; choose one of {', '.join(MIXERS)}")
+                bad(f"layer {i} mixer {m!r} is unknown; choose one of {', '.join(sorted(MIXERS))}")
         for i, f in enumerate(self.feed_forwards()):
             if f not in FEED_FORWARDS:
-                bad(f"layer {i} feed_forward {f!r} is unknown; choose one of {', '.join(FEED_FORWARDS)}")
+                bad(f"layer {i} feed_forward {f!r} is unknown; choose one of {', '.join(sorted(FEED_FORWARDS))}")
         if self.num_experts > 0:
             if not 0 < self.num_experts_per_token <= self.num_experts:
                 bad(f"num_experts_per_token {self.num_experts_per_token} must be in 1..num_experts ({self.num_experts})")
@@ -128,10 +129,18 @@ class ModelConfig:
                 bad(f"num_experts {self.num_experts} must be divisible by num_expert_groups {self.num_expert_groups}")
             if not 0 < self.topk_groups <= self.num_expert_groups:
                 bad(f"topk_groups {self.topk_groups} must be in 1..num_expert_groups ({self.num_expert_groups})")
+            eligible = self.topk_groups * (self.num_experts // self.num_expert_groups)
+            if self.num_experts_per_token > eligible:
+                bad(f"num_experts_per_token {self.num_experts_per_token} exceeds the {eligible} experts that "
+                    f"topk_groups {self.topk_groups} x {self.num_experts // self.num_expert_groups} experts per group "
+                    f"leave eligible; raise topk_groups or lower num_experts_per_token")
             if self.router_score not in ("softmax", "sigmoid"):
                 bad(f"router_score {self.router_score!r} must be 'softmax' or 'sigmoid'")
             if self.balance not in ("aux_loss", "aux_free", "none"):
                 bad(f"balance {self.balance!r} must be 'aux_loss', 'aux_free' or 'none'")
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "indexer_loss_coef", "mtp_loss_weight"):
+            if not getattr(self, name) >= 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             if kind not in ("linear", "ntk", "dynamic", "yarn", "llama3"):
@@ -223,7 +232,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeek-V3 (671B total / ~37B activated; + a 1-depth MTP module): MLA (q_lora 1536, kv_lora 512,
     # nope 128 + rope 64, v 128, 128 heads), 3 dense layers then MoE (256 routed experts top-8 of width
     # 2048 + 1 shared; sigmoid, 8 groups keep 4, routed scaling 2.5; aux-loss-free balancing),
-    # YaRN x40 from 4096 to 163840 (mscale 1, mscale_all_dim 1), init std 0.006 as in the paper.
+    # YaRN x40 from 4096 to 163840 (mscale 1, mscale_all_dim 1), init std 0.006 and the sequence-wise
+# balance loss with alpha 1e-4 beside the bias, as in the paper.
     "deepseek-v3": dict(vocab_size=129280, hidden_dim=7168, num_layers=61, num_heads=128, num_kv_heads=128,
                         head_dim=192, mlp_dim=18432, max_seq_len=163840, norm_eps=1e-6, tie_embeddings=False,
                         init_std=0.006, rope_theta=10000.0,
@@ -234,6 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_experts=256, num_experts_per_token=8, num_shared_experts=1, moe_dim=2048,
                         first_dense_layers=3, router_score="sigmoid", router_norm_topk=True,
                         num_expert_groups=8, topk_groups=4, routed_scaling_factor=2.5, balance="aux_free",
+                        seq_aux_loss_coef=1e-4,
                         mtp_depth=1, mtp_loss_weight=0.3, bos_token_id=0, eos_token_id=1),
 }
 # DeepSeek-V3.2: V3 plus DeepSeek Sparse Attention (lightning indexer: 64 heads of 128, top-2048 tokens).

@@ -1,6 +1,6 @@
 """Model directories: `model.safetensors` + `config.json` (+ tokenizer files).
 
-    save_model(model, tokenizer, out_dir)     # atomic: a reader sees the old dir or the new one
+    save_model(model, tokenizer, out_dir)     # writes only those files, each atomically
     model, tok = load_model_dir(dir)          # a Velocis dir or a training run dir (same layout)
 
 `velocis.load` (api.py) also accepts Hugging Face directories via velocis.interop.hf.
@@ -18,6 +18,31 @@ from velocis.errors import VelocisError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # Tokenizer.save
+MODEL_FILES = (WEIGHTS, CONFIG, *TOKENIZER_FILES)  # all that save_model writes, so all it may replace
+
+
+def require_model(model, param: str = "model") -> None:
+    """A clear error for a wrong argument instead of an AttributeError deep inside."""
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        raise VelocisError(f"{param} must be a VelocisModel, got {type(model).__name__}")
+
+
+def require_dtype(dtype, param: str = "dtype") -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise VelocisError(f"{param} must be a floating torch.dtype such as torch.bfloat16, or None to keep "
+                           f"the stored precision; got {dtype!r}")
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file; a damaged file is reported as such, not as a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise VelocisError(f"{file} is truncated or corrupt ({e}); re-save or re-download it") from None
 
 
 def model_state(model) -> dict[str, torch.Tensor]:
@@ -28,13 +53,26 @@ def model_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a Velocis model directory atomically (replacing any previous one)."""
+def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
+               overwrite: bool = False) -> Path:
+    """Write a Velocis model directory: model.safetensors + config.json (+ tokenizer files).
+
+    Only those files are written, each atomically (output_dir.check_output_dir says where we may):
+    a directory holding anything else (a training run, another model, other files) is refused
+    unless `overwrite`, and even then nothing but those files is replaced.
+    """
     from safetensors.torch import save_file
 
-    from velocis.utils.atomic import atomic_path
+    from velocis.utils.atomic import atomic_files
+    from velocis.utils.output_dir import as_path, check_output_dir
 
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "out_dir")
+    require_model(model)
+    require_dtype(dtype)
+    if tokenizer is not None and not hasattr(tokenizer, "save"):
+        raise VelocisError(f"tokenizer must be a velocis Tokenizer or None, got {type(tokenizer).__name__}")
+    previous = check_output_dir(out_dir, MODEL_FILES, "a Velocis model", overwrite, flag="out_dir",
+                                is_own=is_velocis_dir)
     sd = model_state(model)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -44,8 +82,8 @@ def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None 
             tid = getattr(tokenizer, f"{name}_id", None)
             if tid is not None and getattr(cfg, f"{name}_token_id") is None:
                 cfg = cfg.replace(**{f"{name}_token_id": tid})
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
+    need = sum(v.numel() * v.element_size() for v in sd.values())
+    with atomic_files(out_dir, replace=previous, need_bytes=need) as tmp:
         save_file(sd, tmp / WEIGHTS, metadata={"format": "pt", "velocis": "1"})
         (tmp / CONFIG).write_text(cfg.to_json() + "\n", encoding="utf-8")
         if tokenizer is not None:
@@ -122,11 +160,12 @@ def is_velocis_dir(path: str | Path) -> bool:
 
 def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """Velocis model / run / checkpoint dir -> (model, tokenizer or None)."""
-    from safetensors.torch import load_file
+    from velocis.utils.output_dir import as_path
 
-    path = Path(path)
+    path = as_path(path, "path")
+    require_dtype(dtype)
     cfg = ModelConfig.load(path / CONFIG)
     if not (path / WEIGHTS).is_file():
         raise VelocisError(f"{path}: has config.json but no {WEIGHTS}; was the save interrupted?")
-    model = build_model(cfg, load_file(path / WEIGHTS), where=str(path), device=device, dtype=dtype)
+    model = build_model(cfg, read_safetensors(path / WEIGHTS), where=str(path), device=device, dtype=dtype)
     return model, load_tokenizer(path)

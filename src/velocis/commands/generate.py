@@ -45,9 +45,7 @@ def run(args) -> int:
     out.write("\n")
     out.flush()
     if not args.quiet:
-        from velocis.models.cache_size import kv_cache_bytes_per_token
-
         print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tokens/s, "
-              f"{model.device.type}, KV cache {kv_cache_bytes_per_token(model.config, model.dtype.itemsize):,} "
+              f"{model.device.type}, KV cache {model.cache_bytes(model.dtype.itemsize)[0]:,} "
               f"bytes/token]", file=sys.stderr)
     return 0

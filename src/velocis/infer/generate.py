@@ -1,9 +1,10 @@
 """Autoregressive generation with the static KV cache (gpt-fast style).
 
-    ids = generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator)
-yields new token ids one at a time: one prefill forward over the prompt, then one single-token
-forward per step against the cache. `recompute=True` runs the full sequence every step instead
-(the reference the cached path is tested against).
+    ids = generate_ids(model, prompts, max_new_tokens, temperature, top_k, top_p, generator)
+yields the next token id of every row, one step at a time: one prefill forward over the (padded)
+batch of prompts, then one single-token forward per step against the cache; rows stop
+independently. `recompute=True` runs each row's full sequence every step instead (the reference
+the cached path is tested against).
 
 `StreamDecoder` turns a stream of token ids into text pieces safe to print as they come: byte-level
 BPE can split a multi-byte UTF-8 character (Chinese) across tokens, so a piece is emitted only
@@ -48,40 +49,68 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise VelocisError(f"--max-new-tokens {max_new_tokens} must be >= 0")
 
 
+def _as_rows(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        return [row.tolist() for row in (prompts[None] if prompts.dim() == 1 else prompts)]
+    if prompts and isinstance(prompts[0], int):
+        return [list(prompts)]
+    return [list(p) for p in prompts]
+
+
 @torch.inference_mode()
-def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                 stop_ids: set[int] | None = None, recompute: bool = False) -> Iterator[torch.Tensor]:
-    """prompt_ids [B, T] -> yields next ids [B] (stops at max_new_tokens, or when all rows hit a stop id)."""
+                 stop_ids: set[int] | None = None, recompute: bool = False, pad_id: int | None = None
+                 ) -> Iterator[torch.Tensor]:
+    """Yields next ids [B], one step at a time, for a batch of prompts of any lengths (a tensor
+    [B, T], or lists of ids). A row that produced a stop id is finished: it yields `pad_id` (default
+    the first stop id, else 0) from then on and is no longer sampled. Stops after max_new_tokens, or
+    when every row is finished.
+
+    All rows prefill together, right-padded, each at positions 0..len-1; the cache is then rolled
+    back to each row's own length, so every row continues from its last real token (padding slots
+    are never visible and get overwritten). Greedy outputs equal each prompt run alone."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    B, T = prompt_ids.shape
-    if T == 0:
-        raise VelocisError("the prompt is empty; give at least one token (or a BOS token)")
+    rows = _as_rows(prompts)
+    lens = [len(r) for r in rows]
+    if min(lens) == 0:
+        raise VelocisError("a prompt is empty; give at least one token")
     ctx = model.config.max_seq_len
-    if T + max_new_tokens > ctx:
-        raise VelocisError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-                           f"({ctx}); use --max-new-tokens {max(ctx - T, 0)} or a shorter prompt")
+    if max(lens) + max_new_tokens > ctx:
+        raise VelocisError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                           f"context ({ctx}); ask for at most {max(ctx - max(lens), 0)} new tokens or shorten the prompt")
     if max_new_tokens == 0:
         return
     model.eval()
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=prompt_ids.device)
-    if recompute:
-        seq = prompt_ids
+    device = model.device
+    stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
+    pad = pad_id if pad_id is not None else (int(stop[0]) if len(stop) else 0)
+    B, T = len(rows), max(lens)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def pick(logits):
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        return torch.where(done, torch.full_like(nxt, pad), nxt)
+
+    if recompute:  # the reference: every row alone, the whole sequence every step
+        seqs = [torch.tensor([r], device=device) for r in rows]
         for _ in range(max_new_tokens):
-            nxt = sample(model(seq)[:, -1], temperature, top_k, top_p, generator)
+            nxt = pick(torch.cat([model(s)[:, -1] for s in seqs]))
             yield nxt
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 return
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            seqs = [torch.cat([s, n.view(1, 1)], dim=1) for s, n in zip(seqs, nxt)]
         return
+    ids = torch.full((B, T), pad, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r, device=device)
+    length = torch.tensor(lens, device=device)
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(prompt_ids, cache=cache)[:, -1]  # prefill
+    logits = model(ids, cache=cache, logits_at=length - 1)[:, -1]  # prefill
+    cache.rollback(length)
     for i in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, generator)
+        nxt = pick(logits)
         yield nxt
         done |= torch.isin(nxt, stop)
         if bool(done.all()) or i == max_new_tokens - 1:

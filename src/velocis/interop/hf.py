@@ -305,22 +305,32 @@ def converter_for(hf: dict[str, Any], where: str | Path = "") -> tuple[str, Conv
 
 def read_hf_tensors(path: str | Path) -> Tensors:
     """All tensors of an HF dir: model.safetensors, a sharded index, or pytorch_model.bin."""
-    from safetensors.torch import load_file
+    from velocis.model_io import read_safetensors
+    from velocis.utils.output_dir import as_path
 
-    path = Path(path)
+    path = as_path(path, "path")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise VelocisError(f"{index} is truncated or corrupt ({type(e).__name__}: {e}); "
+                               f"re-download it") from None
         out: Tensors = {}
         for shard in shards:
             if not (path / shard).is_file():
                 raise VelocisError(f"{path}: shard {shard} listed in model.safetensors.index.json is missing")
-            out.update(load_file(path / shard))
+            out.update(read_safetensors(path / shard))
         return out
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return read_safetensors(path / "model.safetensors")
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, bad pickle, or objects beyond tensors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VelocisError(f"{path / 'pytorch_model.bin'} is truncated or corrupt, or not a plain state dict "
+                               f"({first}); re-save or re-download it") from None
     raise VelocisError(f"{path}: no model.safetensors (or sharded index / pytorch_model.bin) found")
 
 
@@ -336,12 +346,27 @@ def load_hf(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     return model, load_tokenizer(path)
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> str:
-    """Write `model` as an HF directory transformers loads; returns the architecture name."""
+# All that export_hf writes, so all it may replace in an existing output directory.
+HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
+              overwrite: bool = False) -> str:
+    """Write `model` as an HF directory transformers loads; returns the architecture name.
+
+    Only HF_FILES are written, each atomically; a directory holding anything else is refused
+    unless `overwrite` (see velocis.utils.output_dir), and nothing else in it is ever deleted.
+    """
     from safetensors.torch import save_file
 
-    from velocis.utils.atomic import atomic_path
+    from velocis.model_io import require_dtype, require_model
+    from velocis.utils.atomic import atomic_files
+    from velocis.utils.output_dir import as_path, check_output_dir, config_kind
 
+    out_dir = as_path(out_dir, "out_dir")
+    require_model(model)
+    require_dtype(dtype)
     cfg = model.config
     for arch, conv in HF_ARCHITECTURES.items():
         if conv.config_to_hf and conv.can_export and conv.can_export(cfg):
@@ -349,13 +374,15 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None =
     else:
         raise VelocisError("no Hugging Face architecture matches this model (its mixers/feed-forwards have no "
                            f"HF exporter; exportable: {', '.join(a for a, c in HF_ARCHITECTURES.items() if c.config_to_hf)})")
+    previous = check_output_dir(out_dir, HF_FILES, "a Hugging Face model", overwrite, flag="out_dir",
+                                is_own=lambda d: config_kind(d) == "hf")  # a previous export, not a Velocis dir
     hf_cfg = conv.config_to_hf(cfg)
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     tensors = conv.weights_to_hf(sd, cfg)
     store_dtype = next(iter(tensors.values())).dtype
     hf_cfg.setdefault("dtype", str(store_dtype).removeprefix("torch."))
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
+    need = sum(v.numel() * v.element_size() for v in tensors.values())
+    with atomic_files(out_dir, replace=previous, need_bytes=need) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),

@@ -108,6 +108,8 @@ def _common_from_hf(hf: dict[str, Any], kind: str) -> dict[str, Any]:
         topk_groups=int(hf.get("topk_group") or 1),
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
         balance="aux_free",
+        # the sequence-wise balance loss (V3 trains with it beside the bias): its alpha as the file says
+        seq_aux_loss_coef=float(hf.get("aux_loss_alpha", 1e-4)) if hf.get("seq_aux") else 0.0,
         q_lora_rank=int(q_lora) if q_lora else None,
         kv_lora_rank=hf["kv_lora_rank"],
         qk_nope_head_dim=hf["qk_nope_head_dim"],

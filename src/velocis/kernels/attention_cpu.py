@@ -25,9 +25,8 @@ from velocis.kernels import cpu_ops
 
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, scale):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        scale = 1.0 / math.sqrt(q.shape[-1])
         o, lse = cpu_ops.ops().causal_attention_fwd(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
@@ -37,7 +36,7 @@ class _CausalAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, o, lse = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        return cpu_ops.ops().causal_attention_bwd(q, k, v, o, lse, dout, ctx.scale)
+        return (*cpu_ops.ops().causal_attention_bwd(q, k, v, o, lse, dout, ctx.scale), None)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -46,10 +45,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0 and cpu_ops.usable(q, k, v))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, KV, T, D] (H a multiple of KV) -> [B, H, T, D]; call `supports` first.
+    scale defaults to 1/sqrt(D), as SDPA's.
 
     Any strides with D contiguous (the [B, T, heads, D] projections seen through transpose(1, 2)
     are read in place); the output and the input gradients are [B, T, heads, D] in memory, so
     the output projection and the q/k/v projections' backward take them without a copy."""
-    return _CausalAttention.apply(q, k, v)
+    return _CausalAttention.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))

@@ -16,6 +16,11 @@ pass (csrc/fused_cpu.cpp).
 
 Matmuls run in the autocast dtype when autocast is on (bf16 on CPU/GPU), the softmax in fp32, and
 grad_weight accumulates in fp32.
+
+reduction "mean" and "sum" precompute the gradients in the forward (the upstream gradient is one
+scalar). "none" returns the per-row loss [N]: its upstream gradient differs per row, so the
+forward keeps only each row's log-sum-exp and the backward recomputes the logits chunk by chunk
+(one extra matmul; still no [N, vocab] tensor).
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ import torch.nn.functional as F
 from velocis.kernels import cpu_ops, gemm
 
 # Rows per chunk: ~8M logits (32 MB fp32), 1024 rows at an 8K vocab: the logits and W h^T matmuls get
-# wider (W is packed once per chunk) and the per-chunk overhead halves; 3% faster per micro step than
-# 4M logits on CPU (A/B), the memory small next to the [tokens, vocab] logits it replaces.
+# wider (W is packed once per chunk) and the per-chunk overhead halves (benchmarks/RESULTS.md), the
+# memory small next to the [tokens, vocab] logits it replaces.
 CHUNK_LOGITS = 1 << 23
 
 
@@ -58,11 +63,12 @@ def _chunk_loss_and_grad(logits, t, v, n_valid, loss, want_grad):
     return probs
 
 
-def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, want_grad_h, want_grad_w):
-    """(mean loss, d loss/d h or None, d loss/d weight (fp32) or None), one chunk of rows at a time."""
+def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, want_grad_h, want_grad_w,
+                            mean=True):
+    """(mean (or summed) loss, d loss/d h or None, d loss/d weight (fp32) or None), one chunk of rows at a time."""
     valid = targets != ignore_index
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))  # ignored rows gather column 0, masked out
-    n_valid = valid.sum().clamp(min=1).to(torch.float32)
+    n_valid = valid.sum().clamp(min=1).to(torch.float32) if mean else torch.ones((), device=h.device)
     w = weight.to(compute_dtype)
     grad_h = torch.empty_like(h) if want_grad_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
@@ -114,9 +120,9 @@ def _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, b
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, chunk_rows, compute_dtype):
+    def forward(ctx, h, weight, targets, ignore_index, chunk_rows, compute_dtype, mean):
         loss, grad_h, grad_w = _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype,
-                                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1], mean)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -126,26 +132,76 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+def _per_row_lse_and_target(h, w, t, chunk_rows, compute_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp and target logit [N] (fp32), a chunk of rows at a time."""
+    lse, target = [], []
+    for s in range(0, h.shape[0], chunk_rows):
+        z = torch.mm(h[s:s + chunk_rows].to(compute_dtype), w.t()).float()
+        lse.append(torch.logsumexp(z, dim=-1))
+        target.append(z.gather(1, t[s:s + chunk_rows, None]).squeeze(1))
+    return torch.cat(lse), torch.cat(target)
+
+
+class _LinearCrossEntropyPerRow(torch.autograd.Function):
+    """reduction="none": loss [N]; the backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_rows, compute_dtype):
+        w = weight.to(compute_dtype)
+        valid = targets != ignore_index
+        safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+        lse, target_logit = _per_row_lse_and_target(h, w, safe_t, chunk_rows, compute_dtype)
+        ctx.save_for_backward(h, weight, safe_t, valid, lse)
+        ctx.chunk_rows, ctx.compute_dtype = chunk_rows, compute_dtype
+        return (lse - target_logit) * valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, safe_t, valid, lse = ctx.saved_tensors
+        cd, rows = ctx.compute_dtype, ctx.chunk_rows
+        w = weight.to(cd)
+        scale = (grad_out.float() * valid)  # d loss_i = scale_i * (softmax_i - onehot_i)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], rows):
+            hc = h[s:s + rows].to(cd)
+            g = torch.mm(hc, w.t()).float().sub_(lse[s:s + rows, None]).exp_().mul_(scale[s:s + rows, None])
+            g.scatter_add_(1, safe_t[s:s + rows, None], -scale[s:s + rows, None])
+            g = g.to(cd)
+            if grad_h is not None:
+                grad_h[s:s + rows] = (g @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (g.t() @ hc).float()
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T`` against ``targets`` over non-ignored rows.
+                         ignore_index: int = -100, chunk_rows: int | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``h @ weight.T`` against ``targets``: "mean" / "sum" over non-ignored rows, or
+    "none" -> [N] (0 at ignored rows).
 
     h [N, H] (already normed), weight [vocab, H], targets [N] (long). Same value and gradients as
     the reference above; the [N, vocab] logits never exist at once.
     """
     if h.dim() != 2 or targets.shape != h.shape[:1]:
         raise ValueError(f"h must be [N, H] and targets [N]; got {tuple(h.shape)} and {tuple(targets.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     compute_dtype = _compute_dtype(h)
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     with torch.autocast(h.device.type, enabled=False):
+        if reduction == "none":
+            return _LinearCrossEntropyPerRow.apply(h, weight, targets, ignore_index, chunk_rows, compute_dtype)
+        mean = reduction == "mean"
         if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
-            return _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, False, False)[0]
-        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, compute_dtype)
+            return _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, compute_dtype, False, False,
+                                           mean)[0]
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows, compute_dtype, mean)
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   ignore_index: int = -100) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index)
+                                   ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction=reduction)

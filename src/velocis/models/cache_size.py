@@ -1,38 +1,36 @@
 """KV-cache size per token, and how MLA compares with MHA / GQA caches of the same width.
 
-Per layer and token a cache holds
+Each mixer declares its cache bytes (models/mixer.py); per layer and token:
   attention (MHA/GQA/MQA):  2 * num_kv_heads * head_dim                 numbers (K and V)
   MLA:                      kv_lora_rank + qk_rope_head_dim              (latent c + shared rotary key)
   MLA + DSA (V3.2):         kv_lora_rank + qk_rope_head_dim + index_head_dim   (+ the indexer's key)
 times dtype_bytes (2 for bf16). `measured_kv_cache_bytes_per_token` builds the model and its cache on
-the meta device and sums the cache buffers, so the formula is checked against what is allocated.
-The MTP modules' own caches (only used when drafting) are not counted.
+the meta device and sums the cache buffers, so the declarations are checked against what is
+allocated. The MTP modules' own caches (only used when drafting) are not counted.
 """
 from __future__ import annotations
 
 import torch
 
 from velocis.config import ModelConfig
+from velocis.models.count import _active, _n, human, human_bytes
+from velocis.models.decoder import VelocisModel
 
 
-def layer_cache_numbers(config: ModelConfig, mixer: str) -> int:
-    if mixer == "mla":
-        n = config.kv_lora_rank + config.qk_rope_head_dim
-        return n + (config.index_head_dim if config.index_num_heads else 0)
-    return 2 * config.num_kv_heads * config.head_dim
+def _meta_model(config: ModelConfig):
+    with torch.device("meta"):
+        return VelocisModel(config)
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
-    """Cache bytes one token costs across all layers (from the config; no model is built)."""
-    return sum(layer_cache_numbers(config, m) for m in config.mixers()) * dtype_bytes
+    """Cache bytes one token costs across all layers, as the mixers declare (model on the meta device)."""
+    return _meta_model(config).cache_bytes(dtype_bytes)[0]
 
 
 def measured_kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, max_len: int = 16) -> int:
     """Bytes of the buffers `model.new_cache` allocates, per token (model and cache on the meta device)."""
-    from velocis.models import VelocisModel
-
+    model = _meta_model(config)
     with torch.device("meta"):
-        model = VelocisModel(config)
         cache = model.new_cache(1, min(max_len, config.max_seq_len), device="meta", dtype=dtype)
     total = sum(b.numel() * b.element_size() for layer in cache.layers for b in layer.buffers())
     return total // cache.max_len
@@ -61,11 +59,7 @@ def mtp_split(config: ModelConfig) -> dict:
     head included, as velocis.models.count); mtp: the modules' own parameters (embedding and head are
     shared); mtp_active: what one token uses in them; hf_checkpoint_total: main + MTP + the copies of
     the embedding and head that DeepSeek/HF files store inside each MTP layer."""
-    from velocis.models import VelocisModel
-    from velocis.models.count import _active, _n
-
-    with torch.device("meta"):
-        model = VelocisModel(config)
+    model = _meta_model(config)
     total = model.num_params()
     mtp = _n(model.mtp)
     mtp_active = 0
@@ -80,8 +74,6 @@ def mtp_split(config: ModelConfig) -> dict:
 
 def report_lines(config: ModelConfig, dtype_bytes: int = 2) -> list[str]:
     """Lines for `velocis params`: cache per token vs same-width MHA/GQA, and the MTP split."""
-    from velocis.models.count import human, human_bytes
-
     rows = kv_cache_comparison(config, dtype_bytes)
     own = rows[0][1]
     out = [f"KV cache per token ({8 * dtype_bytes}-bit), vs caches of the same width:"]

@@ -6,6 +6,7 @@ from collections import OrderedDict
 import torch
 
 from velocis.config import ModelConfig
+from velocis.models.decoder import VelocisModel
 
 
 def _n(module) -> int:
@@ -13,21 +14,15 @@ def _n(module) -> int:
 
 
 def _active(part) -> int:
-    """Parameters one token uses: a part may say (active_params()); MoE uses top-k of its experts."""
+    """Parameters one token uses: a sparse part says so (active_params(), e.g. MoE's top-k); else all."""
     if hasattr(part, "active_params"):
         return int(part.active_params())
-    experts = getattr(part, "experts", None)
-    if experts is not None and hasattr(part, "top_k") and hasattr(part, "num_experts"):
-        e = _n(experts)
-        return _n(part) - e + e * part.top_k // part.num_experts
     return _n(part)
 
 
 def count_params(config: ModelConfig) -> dict:
     """{"parts": {name: count}, "total", "active" (per token), "kv_cache_bytes_per_token" (bf16),
-    "kv_cache_bytes_context"}. A tied embedding/head is counted once (under "embedding")."""
-    from velocis.models import VelocisModel
-
+    "cache_bytes_per_sequence" (fixed-size states), "kv_cache_bytes_context" (one full-context sequence)}. A tied embedding/head is counted once (under "embedding")."""
     with torch.device("meta"):
         model = VelocisModel(config)
     parts: "OrderedDict[str, int]" = OrderedDict()
@@ -45,9 +40,9 @@ def count_params(config: ModelConfig) -> dict:
     assert total == sum(parts.values()), (total, parts)
     # a token looks up one embedding row; the head (a matmul) is counted in full
     active += parts["norms"] + _n(model.lm_head)
-    kv = sum(b.mixer.kv_cache_bytes_per_token(2) for b in model.layers)
+    kv, per_seq = model.cache_bytes(2)
     return {"parts": dict(parts), "total": total, "active": active, "kv_cache_bytes_per_token": kv,
-            "kv_cache_bytes_context": kv * config.max_seq_len}
+            "cache_bytes_per_sequence": per_seq, "kv_cache_bytes_context": kv * config.max_seq_len + per_seq}
 
 
 def human(n: float, unit: str = "") -> str:

@@ -1,149 +1,184 @@
 """VelocisModel: one decoder-only class; each block is a token mixer + a feed-forward.
 
     x = embed_tokens(ids)
-    for block: x = x + mixer(mixer_norm(x), positions, cache_layer)
-               x = x + feed_forward(ff_norm(x))
+    for block: x, aux = block(x, positions, cache_layer)     (models/block.py)
     logits = lm_head(norm(x))          # lm_head.weight is embed_tokens.weight when tied
 
-The parts come from the registries (see velocis/models/__init__.py for their contract).
+`forward` is the one entry point, for training and inference (so DDP/FSDP hooks always fire):
+
+    logits = model(ids)                                       [B, T, vocab]
+    out = model(ids, targets)                                 ModelOutput: loss, lm_loss, aux_losses, stats
+    out = model(ids, targets, reduction="none")               out.lm_loss: per-token NLL [B, T], with grads
+    logits = model(ids, cache=cache)                          decode: the cache (caller-owned) grows per row
+    logits = model(ids, cache=cache, positions=pos)           pos [B, T]: every row its own offset
+
+The parts come from the registries (docs/INTERFACES.md states their contract).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from velocis.config import ModelConfig
 from velocis.errors import VelocisError
 from velocis.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from velocis.models.block import Block
+from velocis.models.cache import Cache
 from velocis.models.layers import RMSNorm
-from velocis.models.registry import FEED_FORWARDS, MIXERS, STATS_HOOKS
+from velocis.models.mtp import MTP
+from velocis.models.output import ModelOutput
+from velocis.models.positions import Positions
+from velocis.models.registry import AUX_LOSSES, STATS_HOOKS, register_aux_loss
 
-
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        mixer, ff = config.mixers()[layer_idx], config.feed_forwards()[layer_idx]
-        for kind, name, reg in (("mixer", mixer, MIXERS), ("feed_forward", ff, FEED_FORWARDS)):
-            if name not in reg:
-                raise VelocisError(f"layer {layer_idx} {kind} {name!r} is not available in this install "
-                                   f"(registered: {', '.join(sorted(reg))})")
-        self.mixer_name, self.feed_forward_name = mixer, ff
-        self.mixer_norm = RMSNorm(config.hidden_dim, config.norm_eps)
-        self.mixer = MIXERS[mixer](config, layer_idx)
-        self.ff_norm = RMSNorm(config.hidden_dim, config.norm_eps)
-        self.feed_forward = FEED_FORWARDS[ff](config, layer_idx)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        return x + self.feed_forward(self.ff_norm(x))
-
-
-@dataclass
-class Cache:
-    """Per-layer caches (each made by its mixer) plus how many positions are filled."""
-
-    layers: list
-    max_len: int
-    batch_size: int
-    pos: int = 0
-
-    def reset(self) -> None:
-        self.pos = 0  # stale entries are masked out (a query only sees slots <= its position)
+register_aux_loss("mtp", "mtp_loss_weight")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 class VelocisModel(nn.Module):
-    # compute_loss's LM head + cross-entropy: the chunked kernel (False: the plain reference)
+    # the LM head + cross-entropy: the chunked kernel (False: the plain reference)
     fused_loss: bool = True
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_dim, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = None
-        if config.mtp_depth > 0:  # multi-token prediction modules (DeepSeek-V3), training-only
-            from velocis.models.mtp import MTP
+        # multi-token prediction modules (DeepSeek-V3): a training objective, and drafts for decoding
+        self.mtp = MTP(config) if config.mtp_depth > 0 else None
+        self.tie_weights()
+        self._init_embedding()
 
-            self.mtp = MTP(config)
-        self.reset_parameters()
+    def tie_weights(self) -> None:
+        """Share the head with the embedding when the config ties them (again after `to_empty`)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Embedding and head ~ N(0, init_std); parts initialise themselves in their constructors
-        (residual-branch output projections at init_std / sqrt(2 * num_layers))."""
-        std = self.config.init_std
-        nn.init.normal_(self.embed_tokens.weight, std=std)
+    def _init_embedding(self) -> None:
+        nn.init.normal_(self.embed_tokens.weight, std=self.config.init_std)
         if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place: what the constructor does, for a model
+        built on the meta device and materialised with `to_empty` (the trainer's path). Children
+        first, so a part's own `reset_parameters` overrides its sub-modules' defaults."""
+        self.tie_weights()
+        for m in reversed(list(self.modules())):
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if hasattr(m, "init_buffers"):
+                m.init_buffers()
+        self._init_embedding()
 
     # ------------------------------------------------------------------ forward
-    def _positions(self, T: int, cache: Cache | None, device) -> torch.Tensor:
-        start = cache.pos if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.config.max_seq_len
-        if start + T > limit:
-            what = f"the KV cache holds {limit} positions" if cache is not None else \
-                f"the model's context is {limit} tokens (max_seq_len)"
-            raise VelocisError(f"sequence of {start + T} tokens is too long: {what}; "
+    def _positions(self, input_ids: torch.Tensor, cache: Cache | None, positions: torch.Tensor | None) -> Positions:
+        B, T = input_ids.shape
+        if positions is None:
+            ids = cache.next_positions(T) if cache is not None else torch.arange(T, device=input_ids.device)
+        else:
+            ids = torch.as_tensor(positions, dtype=torch.long, device=input_ids.device)
+            if ids.shape not in ((T,), (B, T)):
+                raise VelocisError(f"positions must be [seq] or [batch, seq] = {[B, T]}, got {list(ids.shape)}")
+        if cache is None:
+            limit, what = self.config.max_seq_len, "the model's context"
+            last = int(ids.max()) + 1 if positions is not None else T
+            pos = Positions(ids, Positions.documents(ids) if ids.dim() == 2 else None, last)
+        else:
+            limit, what = cache.max_len, "the cache"
+            last = int(ids.max()) + 1
+            pos = Positions(ids, None, last)
+        if last > limit:
+            raise VelocisError(f"position {last - 1} is past the end of {what} ({limit} tokens); "
                                f"shorten the input or the number of new tokens")
-        return torch.arange(start, start + T, device=device)
+        return pos
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """Last block's output (before the final norm), [B, T, hidden_dim]."""
+    def _trunk(self, input_ids: torch.Tensor, pos: Positions, cache: Cache | None):
+        """Last block's output (before the final norm) [B, T, H] and {family: [per-layer losses]}."""
+        x = self.embed_tokens(input_ids)
+        aux: dict[str, list[torch.Tensor]] = {}
+        for i, block in enumerate(self.layers):
+            x, block_aux = block(x, pos, cache.layers[i] if cache is not None else None)
+            for family, value in block_aux.items():
+                aux.setdefault(family, []).append(value)
+        if cache is not None:
+            cache.advance(pos.ids)
+        return x, aux
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache: Cache | None = None,
+                positions: torch.Tensor | None = None, reduction: str = "mean", ignore_index: int = -100,
+                logits_to_keep: int = 0, logits_at: torch.Tensor | None = None, return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, vocab], or a ModelOutput with targets / return_hidden.
+
+        targets [B, T]: the next token of each position (ignore_index = not scored); the output's
+        loss is the next-token NLL reduced by `reduction` plus each auxiliary family times its
+        coefficient. cache: continue the cached rows (positions default to each row's length).
+        positions [T] or [B, T]: explicit positions; without a cache, positions that restart inside
+        a row start a new document there (packed sequences: attention stays within a document).
+        logits_to_keep: only the last n positions' logits (0 = all), as in transformers; logits_at
+        (LongTensor [B] or [B, K]): only those positions of each row (e.g. each prompt's last token)."""
         if input_ids.dim() != 2:
             raise VelocisError(f"input_ids must be [batch, seq] token ids, got shape {tuple(input_ids.shape)}")
         if cache is not None and input_ids.shape[0] != cache.batch_size:
             raise VelocisError(f"batch of {input_ids.shape[0]} sequences but the cache was made for "
                                f"{cache.batch_size}; make it with model.new_cache({input_ids.shape[0]}, ...)")
-        positions = self._positions(input_ids.shape[1], cache, input_ids.device)
-        x = self.embed_tokens(input_ids)
-        for i, block in enumerate(self.layers):
-            x = block(x, positions, cache.layers[i] if cache is not None else None)
-        if cache is not None:
-            cache.pos += input_ids.shape[1]
-        return x
+        if reduction not in REDUCTIONS:
+            raise VelocisError(f"reduction {reduction!r} must be one of {', '.join(REDUCTIONS)}")
+        pos = self._positions(input_ids, cache, positions)
+        h, aux = self._trunk(input_ids, pos, cache)
+        if targets is None:
+            if logits_at is not None:
+                at = logits_at if logits_at.dim() == 2 else logits_at[:, None]
+                kept = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
+            else:
+                kept = h[:, -logits_to_keep:] if logits_to_keep else h
+            logits = self.lm_head(self.norm(kept))
+            return ModelOutput(logits=logits, hidden=h) if return_hidden else logits
+        out = self._loss(h, aux, input_ids, targets, reduction, ignore_index)
+        if return_hidden:
+            out.hidden = h
+        return out
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
-
-    def head_loss(self, h_normed: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy of lm_head(h_normed) [B, T, H] against targets [B, T]."""
+    def head_loss(self, h_normed: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy of lm_head(h_normed) [B, T, H] against targets [B, T]:
+        "mean" / "sum" over valid targets, or "none" -> [B, T] (0 at ignored targets)."""
         h2, t = h_normed.reshape(-1, h_normed.shape[-1]), targets.reshape(-1)
         if self.fused_loss:  # chunked: the [B*T, vocab] logits never exist at once
-            return linear_cross_entropy(h2, self.lm_head.weight, t, ignore_index)
-        return linear_cross_entropy_reference(h2, self.lm_head.weight, t, ignore_index)
+            loss = linear_cross_entropy(h2, self.lm_head.weight, t, ignore_index, reduction=reduction)
+        else:
+            loss = linear_cross_entropy_reference(h2, self.lm_head.weight, t, ignore_index, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. With a cache, input_ids continue the cached tokens."""
-        return self.logits(self.hidden_states(input_ids, cache))
-
-    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-        """(loss to back-propagate, stats). Adds aux_loss_coef * mean part aux loss (MoE balance)
-        and mtp_loss_weight * MTP loss when the model has them."""
-        h = self.hidden_states(input_ids)
-        lm_loss = self.head_loss(self.norm(h), targets, ignore_index)
-        loss, stats = lm_loss, {"lm_loss": lm_loss.detach()}
-        blocks = list(self.layers)
+    def _loss(self, h, aux, input_ids, targets, reduction, ignore_index) -> ModelOutput:
+        if targets.shape != input_ids.shape:
+            raise VelocisError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        hn = self.norm(h)
+        lm = self.head_loss(hn, targets, ignore_index, reduction)
+        num_tokens = (targets != ignore_index).sum()
         if self.mtp is not None and self.training:
-            mtp_loss = self.mtp(h, input_ids, targets, self)
-            loss = loss + self.config.mtp_loss_weight * mtp_loss
-            stats["mtp_loss"] = mtp_loss.detach()
-            # the MTP blocks' parts (e.g. their MoE) balance like the main model's; only depths that ran
-            blocks += [layer.block for layer in self.mtp.layers[: max(input_ids.shape[1] - 1, 0)]]
-        aux = [p.last_aux_loss for b in blocks for p in (b.mixer, b.feed_forward)
-               if getattr(p, "last_aux_loss", None) is not None]
-        if aux:
-            aux_loss = torch.stack(aux).mean()
-            loss = loss + self.config.aux_loss_coef * aux_loss
-            stats["aux_loss"] = aux_loss.detach()
+            mtp_loss, mtp_aux = self.mtp(hn, input_ids, targets, self.embed_tokens,
+                                         lambda hk, tk: self.head_loss(hk, tk, ignore_index))
+            aux = {**aux, "mtp": [mtp_loss]}
+            for family, values in mtp_aux.items():  # the MTP blocks' parts balance like the main ones
+                aux.setdefault(family, []).extend(values)
+        aux_losses = {family: torch.stack(v).mean() if len(v) > 1 else v[0] for family, v in aux.items()}
+        aux_loss = torch.zeros((), device=h.device)
+        for family, value in aux_losses.items():
+            aux_loss = aux_loss + getattr(self.config, AUX_LOSSES[family]) * value
+        if reduction == "none":
+            lm_mean = lm.detach().sum() / num_tokens.clamp(min=1)
+            loss = None
+        else:
+            lm_mean = lm.detach() if reduction == "mean" else lm.detach() / num_tokens.clamp(min=1)
+            loss = lm + aux_loss
+        stats = {"lm_loss": lm_mean, **{k: v.detach() for k, v in aux_losses.items()}}
         for hook in STATS_HOOKS:
             stats.update(hook(self))
-        return loss, stats
+        return ModelOutput(loss=loss, lm_loss=lm, aux_loss=aux_loss, aux_losses=aux_losses, num_tokens=num_tokens,
+                           stats=stats)
 
     # ------------------------------------------------------------------ helpers
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> Cache:
@@ -155,14 +190,13 @@ class VelocisModel(nn.Module):
         ref = self.embed_tokens.weight
         device, dtype = device or ref.device, dtype or ref.dtype
         layers = [b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.layers]
-        return Cache(layers, max_len, batch_size)
+        return Cache(layers, max_len, batch_size, device)
 
-    def update_expert_bias(self) -> None:
-        """After optimizer.step(): aux-loss-free MoE bias update (no-op for dense models)."""
-        if "moe" in self.config.feed_forwards():
-            from velocis.models.moe import update_expert_bias
-
-            update_expert_bias(self)
+    def cache_bytes(self, dtype_bytes: int = 2) -> tuple[int, int]:
+        """(bytes per cached token, bytes per sequence) over all layers, as each mixer declares them."""
+        per_token = sum(b.mixer.cache_bytes_per_token(dtype_bytes) for b in self.layers)
+        per_seq = sum(b.mixer.cache_bytes_per_sequence(dtype_bytes) for b in self.layers)
+        return per_token, per_seq
 
     @property
     def device(self) -> torch.device:

@@ -19,9 +19,9 @@ To train it set ``train_mode`` on the indexers (``set_indexer_training(model, mo
   "warmup"  DeepSeek's dense warm-up: attention stays dense; KL over all visible tokens
   "sparse"  sparse training: top-k attention; KL over the selected tokens
   None      (default) no indexer loss
-The loss reaches VelocisModel.compute_loss as the MLA part's ``last_aux_loss`` (scaled by
-aux_loss_coef like the MoE balance loss; its gradient reaches only the indexer, whose inputs are
-detached); the ``indexer_kl`` stat reports it alone.
+The MLA layer returns the loss as the "indexer_kl" auxiliary family (weighted by
+config.indexer_loss_coef, independent of the MoE balance coefficient); its gradient reaches only
+the indexer, whose inputs are detached. The model's stats report it as ``indexer_kl``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from velocis.errors import VelocisError
 from velocis.models.rope import apply_rope
 
 
@@ -39,8 +40,6 @@ class Indexer(nn.Module):
         self.rope_dim = config.qk_rope_head_dim
         self.topk = config.index_topk
         if self.head_dim < self.rope_dim:
-            from velocis.errors import VelocisError
-
             raise VelocisError(f"invalid model config: index_head_dim {self.head_dim} must be >= "
                                f"qk_rope_head_dim {self.rope_dim}")
         self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
@@ -49,22 +48,23 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(config.hidden_dim, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
         self.train_mode: str | None = None  # None | "warmup" | "sparse" (see the module docstring)
-        self.last_kl: torch.Tensor | None = None
+        self.init_std = config.init_std
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self) -> None:
         for lin in (self.wq_b, self.wk, self.weights_proj):
-            nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(lin.weight, std=self.init_std)
         self.k_norm.reset_parameters()
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE on the first rope_dim dims of x [..., T, (heads,) D]; cos/sin [T, rope_dim]."""
+        """RoPE on the first rope_dim dims of x [B, heads, T, D]; cos/sin [T, rope] or [B, 1, T, rope]."""
         rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return torch.cat([apply_rope(rot, cos, sin), rest], dim=-1)
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, hidden] -> one index key per token [B, T, D]."""
-        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+        return self._rope(self.k_norm(self.wk(x)).unsqueeze(1), cos, sin).squeeze(1)
 
     def scores(self, x: torch.Tensor, q_lat: torch.Tensor, keys: torch.Tensor, rope) -> torch.Tensor:
         """Index scores [B, T, L] (fp32) of the T queries (x, q_lat) against keys [B, L, D]."""
@@ -83,7 +83,10 @@ class Indexer(nn.Module):
         (all visible tokens when a query sees <= index_topk). visible: bool [T, L] (or [B, T, L])."""
         s = self.scores(x, q_lat, keys, rope).masked_fill(~visible, float("-inf"))
         k = min(self.topk, s.shape[-1])
-        idx = s.topk(k, dim=-1).indices
+        # a stable sort, not topk: ReLU makes exact ties (scores of 0) common, and topk breaks them
+        # differently for different key counts, so a cached decode step (keys 0..p) would pick other
+        # tokens than the full-sequence forward; the stable order keeps the earliest of tied tokens
+        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
 
 
@@ -103,27 +106,8 @@ def indexer_kl_loss(index_scores: torch.Tensor, attn_probs: torch.Tensor, visibl
 def set_indexer_training(model: nn.Module, mode: str | None) -> int:
     """Set every indexer's train_mode (None | "warmup" | "sparse"); returns how many indexers there are."""
     if mode not in (None, "warmup", "sparse"):
-        from velocis.errors import VelocisError
-
         raise VelocisError(f"indexer training mode {mode!r} must be None, 'warmup' or 'sparse'")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Indexer):
-            m.train_mode, m.last_kl, n = mode, None, n + 1
-    return n
-
-
-def indexer_stats(model: nn.Module) -> dict:
-    """{"indexer_kl": mean KL of the last training forward} while indexers train, else {}."""
-    kls = [m.last_kl for m in model.modules() if isinstance(m, Indexer) and m.train_mode and m.last_kl is not None]
-    return {"indexer_kl": torch.stack(kls).mean()} if kls else {}
-
-
-def _register_stats() -> None:
-    from velocis.models.registry import STATS_HOOKS
-
-    if indexer_stats not in STATS_HOOKS:
-        STATS_HOOKS.append(indexer_stats)
-
-
-_register_stats()
+    indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+    for m in indexers:
+        m.train_mode = mode
+    return len(indexers)

@@ -20,6 +20,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             y = rms_norm(x, self.weight, self.eps)  # same math, fewer passes (kernels/rms_norm.py)
@@ -45,14 +49,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(h, i, bias=False)
         self.up_proj = Linear(h, i, bias=False)
         self.down_proj = Linear(i, h, bias=False)
-        self.reset_parameters(config.init_std, config.num_layers)
+        self.init_std, self.num_layers = config.init_std, config.num_layers
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02, num_layers: int = 1) -> None:
-        nn.init.normal_(self.gate_proj.weight, std=std)
-        nn.init.normal_(self.up_proj.weight, std=std)
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=self.init_std)
+        nn.init.normal_(self.up_proj.weight, std=self.init_std)
         # residual-branch output: scaled so the residual stream's variance does not grow with depth
-        nn.init.normal_(self.down_proj.weight, std=std / math.sqrt(2 * num_layers))
+        nn.init.normal_(self.down_proj.weight, std=self.init_std / math.sqrt(2 * self.num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

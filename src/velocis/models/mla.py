@@ -27,22 +27,29 @@ kv_a_proj_with_mqa (evens first, then odds), which gives the same scores (see in
 DeepSeek Sparse Attention (V3.2): with config.index_num_heads > 0 the layer owns a lightning
 indexer (velocis.models.dsa.Indexer) that keeps, per query, the index_topk best-scored past tokens.
 While a query has <= index_topk visible tokens every token is kept, i.e. attention is exactly dense.
+While the indexer trains, the layer returns its KL loss as the "indexer_kl" auxiliary family.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from velocis.errors import VelocisError
 from velocis.kernels.gemm import Linear
+from velocis.models.attend import attend
+from velocis.models.cache import LayerCache, write_slots
+from velocis.models.dsa import Indexer, indexer_kl_loss
 from velocis.models.layers import RMSNorm
-from velocis.models.registry import register_mixer
+from velocis.models.mixer import Mixer
+from velocis.models.positions import Positions
+from velocis.models.registry import register_aux_loss, register_mixer
 from velocis.models.rope import RotaryEmbedding, apply_rope
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
+
+register_aux_loss("indexer_kl", "indexer_loss_coef")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -59,40 +66,30 @@ def mla_softmax_scale(config) -> float:
     return scale
 
 
-class MLACache(nn.Module):
+class MLACache(LayerCache):
     """Static per-layer MLA cache: kv [B, max_len, kv_lora_rank + qk_rope_head_dim] = [c | k_pe]
     (latent after its norm, rotary key after RoPE); with DSA also index_k [B, max_len, index_head_dim]."""
 
+    kind = "latent"
+
     def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int, index_dim: int = 0,
                  device=None, dtype=torch.float32):
-        super().__init__()
-        self.kv_lora_rank, self.max_len = kv_lora_rank, max_len
+        super().__init__(max_len)
+        self.kv_lora_rank = kv_lora_rank
         self.register_buffer("kv", torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, device=device,
                                                dtype=dtype), persistent=False)
         self.register_buffer("index_k", torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
                              if index_dim else None, persistent=False)
 
-    def update(self, positions: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Write latent [B, T, r] and k_pe [B, T, rope] at positions [T]; return the whole kv buffer."""
-        self.kv.index_copy_(1, positions, torch.cat([latent, k_pe], dim=-1).to(self.kv.dtype))
+    def update(self, ids: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Write latent [B, T, r] and k_pe [B, T, rope] at positions ids ([T] or [B, T]); return the kv buffer."""
+        write_slots(self.kv, 1, ids, torch.cat([latent, k_pe], dim=-1))
         return self.kv
-
-    def mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Bool [T, max_len]: query at position p sees slots 0..p."""
-        slots = torch.arange(self.max_len, device=positions.device)
-        return slots[None, :] <= positions[:, None]
-
-
-def mla_cache_bytes_per_token(config, dtype_bytes: int = 2) -> int:
-    """Bytes one MLA layer caches per token: the latent + rotary key (+ the DSA indexer key)."""
-    n = config.kv_lora_rank + config.qk_rope_head_dim
-    if getattr(config, "index_num_heads", 0):
-        n += config.index_head_dim
-    return n * dtype_bytes
 
 
 @register_mixer("mla")
-class MLA(nn.Module):
+class MLA(Mixer):
+    cache_kind = "latent"
     # with a cache, chunks of at least this many tokens expand the latents (temporarily) instead of
     # the absorbed form: compute break-even is T ~ r*(nope+v) / (2r - nope - v) = 171 for V3
     expand_min_tokens = 128
@@ -100,6 +97,7 @@ class MLA(nn.Module):
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
+        self.init_std, self.num_layers = config.init_std, config.num_layers
         h = config.hidden_dim
         self.num_heads = H = config.num_heads
         self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
@@ -119,36 +117,31 @@ class MLA(nn.Module):
         self.o_proj = Linear(H * self.v_dim, h, bias=False)
         self.rotary = RotaryEmbedding(self.rope, config.rope_theta, config.rope_scaling)
         self.scaling = mla_softmax_scale(config)
-        self.last_aux_loss = None  # the indexer's KL loss while it trains (see _indexer_loss)
         self.indexer = None
-        if getattr(config, "index_num_heads", 0):
-            from velocis.models.dsa import Indexer
-
+        if config.index_num_heads:
             if not self.q_lora_rank:
                 raise VelocisError("invalid model config: DeepSeek sparse attention (index_num_heads > 0) reads the "
                                    "query latent, so it needs q_lora_rank; set q_lora_rank or index_num_heads=0")
             self.indexer = Indexer(config)
-        self.reset_parameters(config.init_std, config.num_layers)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02, num_layers: int = 1) -> None:
+    def reset_parameters(self) -> None:
         for name in ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
             if hasattr(self, name):
-                nn.init.normal_(getattr(self, name).weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * num_layers))
-        if self.indexer is not None:
-            self.indexer.reset_parameters(std)
+                nn.init.normal_(getattr(self, name).weight, std=self.init_std)
+        nn.init.normal_(self.o_proj.weight, std=self.init_std / math.sqrt(2 * self.num_layers))
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> MLACache:
         index_dim = self.indexer.head_dim if self.indexer is not None else 0
         return MLACache(batch_size, max_len, self.kv_lora_rank, self.rope, index_dim, device=device, dtype=dtype)
 
-    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+    def cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         n = self.kv_lora_rank + self.rope + (self.indexer.head_dim if self.indexer is not None else 0)
         return n * dtype_bytes
 
     # ------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+    def _project(self, x: torch.Tensor, ids: torch.Tensor):
         B, T, _ = x.shape
         q_lat = None
         if self.q_lora_rank:
@@ -160,27 +153,38 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, r]
-        cos, sin = self.rotary(positions, q.dtype)
+        cos, sin = self.rotary(ids, q.dtype)
         q_pe = apply_rope(q_pe, cos, sin)
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # [B, T, rope]
         return q_nope, q_pe, latent, k_pe, q_lat, (cos, sin)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions, cache: MLACache | None = None):
         B, T, _ = x.shape
-        q_nope, q_pe, latent, k_pe, q_lat, rope = self._project(x, positions)
+        pos = Positions.of(pos)
+        q_nope, q_pe, latent, k_pe, q_lat, rope = self._project(x, pos.ids)
+        aux = {}
         if cache is None:
-            y = self._expanded(x, q_nope, q_pe, latent, k_pe, q_lat, positions, rope)
+            y, kl = self._expanded(x, q_nope, q_pe, latent, k_pe, q_lat, pos, rope)
+            if kl is not None:
+                aux["indexer_kl"] = kl
         else:
-            y = self._absorbed(x, q_nope, q_pe, latent, k_pe, q_lat, positions, rope, cache)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+            y = self._cached(x, q_nope, q_pe, latent, k_pe, q_lat, pos, rope, cache)
+        out = self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+        return (out, aux) if aux else out
 
-    def _expanded(self, x, q_nope, q_pe, latent, k_pe, q_lat, positions, rope) -> torch.Tensor:
-        """Training / full recompute: expand the latents to per-head K/V, causal SDPA. -> [B, H, T, v]."""
-        B, T, _ = latent.shape
+    def _expand_kv(self, latent: torch.Tensor, k_pe: torch.Tensor):
+        """Latents [B, S, r] and rotary keys [B, S, rope] -> per-head k [B, H, S, nope+rope], v [B, H, S, v]."""
+        B, S, _ = latent.shape
         H = self.num_heads
-        kv = self.kv_b_proj(latent).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+        kv = self.kv_b_proj(latent).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, T, self.rope)], dim=-1)
+        return torch.cat([k_nope, k_pe.unsqueeze(1).expand(B, H, S, self.rope)], dim=-1), v
+
+    def _expanded(self, x, q_nope, q_pe, latent, k_pe, q_lat, pos, rope):
+        """Training / full recompute: expand the latents to per-head K/V, causal attention.
+        -> ([B, H, T, v], the indexer's KL loss while it trains, else None)."""
+        T = latent.shape[1]
+        k, v = self._expand_kv(latent, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
         keep = None
         idx = self.indexer
@@ -188,20 +192,14 @@ class MLA(nn.Module):
         if idx is not None and T > idx.topk and not (training_indexer and idx.train_mode == "warmup"):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             keep = idx.select(x, q_lat, idx.keys(x, *rope), causal, rope) & causal  # [B, T, T]
-        self.last_aux_loss = None
-        if training_indexer:
-            self.last_aux_loss = self._indexer_loss(x, q, k, q_lat, keep, rope)
-        if keep is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep.unsqueeze(1), scale=self.scaling)
+        kl = self._indexer_loss(x, q, k, q_lat, keep, rope) if training_indexer else None
+        return attend(q, k, v, pos, scale=self.scaling, keep=keep), kl
 
     def _indexer_loss(self, x, q, k, q_lat, keep, rope) -> torch.Tensor:
         """DeepSeek-V3.2's indexer objective (velocis.models.dsa): KL from the main attention (summed over
         heads, detached) to softmax of the index scores, over the visible tokens ("warmup": attention
         stays dense) or the selected ones ("sparse"). The indexer reads detached inputs, so this loss
         trains the indexer only."""
-        from velocis.models.dsa import indexer_kl_loss
-
         T = x.shape[1]
         visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if keep is None else keep
         with torch.no_grad():
@@ -210,11 +208,9 @@ class MLA(nn.Module):
             probs = torch.softmax(att.masked_fill(~m, float("-inf")), dim=-1)
         xd, qd = x.detach(), q_lat.detach()
         scores = self.indexer.scores(xd, qd, self.indexer.keys(xd, *rope), rope)
-        loss = indexer_kl_loss(scores, probs, visible)
-        self.indexer.last_kl = loss.detach()
-        return loss
+        return indexer_kl_loss(scores, probs, visible)
 
-    def _absorbed(self, x, q_nope, q_pe, latent, k_pe, q_lat, positions, rope, cache: MLACache) -> torch.Tensor:
+    def _cached(self, x, q_nope, q_pe, latent, k_pe, q_lat, pos, rope, cache: MLACache) -> torch.Tensor:
         """With a cache: write [c | k_pe], then attend over the cache. -> [B, H, T, v].
 
         Short chunks (decode steps, speculative verification) use the absorbed form: W_UK folded
@@ -222,33 +218,23 @@ class MLA(nn.Module):
         [c | k_pe] with one shared "head" of width kv_lora_rank + rope). Per (head, query, key) that
         costs (r + rope) + r multiply-adds against (nope + rope) + v for expanded keys/values, so a
         long chunk (T >= expand_min_tokens, e.g. a prompt) instead expands the visible latents once,
-        temporarily, and runs SDPA; the cache itself always stays compressed."""
+        temporarily; the cache itself always stays compressed."""
         B, T, _ = latent.shape
         H, r = self.num_heads, self.kv_lora_rank
-        kv = cache.update(positions, latent, k_pe)  # [B, L, r + rope]
-        L = kv.shape[1]
-        mask = cache.mask(positions)  # [T, L]
+        kv = cache.update(pos.ids, latent, k_pe)[:, :pos.kv_len]  # [B, L, r + rope], the filled slots
+        keep = None
         if self.indexer is not None:
-            cache.index_k.index_copy_(1, positions, self.indexer.keys(x, *rope).to(cache.index_k.dtype))
-            if int(positions[-1]) + 1 > self.indexer.topk:  # some query sees more than top-k tokens
-                keep = self.indexer.select(x, q_lat, cache.index_k, mask, rope)  # [B, T, L]
-                mask = mask & keep
-        mask = mask if mask.dim() == 2 else mask.unsqueeze(1)  # [T, L] or [B, 1, T, L]
+            write_slots(cache.index_k, 1, pos.ids, self.indexer.keys(x, *rope))
+            if pos.kv_len > self.indexer.topk:  # some query sees more than top-k tokens
+                visible = torch.arange(pos.kv_len, device=x.device) <= pos.ids[..., None]  # [T, L] or [B, T, L]
+                keep = self.indexer.select(x, q_lat, cache.index_k[:, :pos.kv_len], visible, rope)  # [B, T, L]
         if T >= self.expand_min_tokens:
-            end = int(positions[-1]) + 1  # slots past the chunk are invisible to all its queries
-            kv = kv[:, :end].to(q_nope.dtype)
-            kvx = self.kv_b_proj(kv[..., :r]).view(B, end, H, self.nope + self.v_dim).transpose(1, 2)
-            k_nope, v = kvx.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, kv[:, None, :, r:].expand(B, H, end, self.rope)], dim=-1)
-            q = torch.cat([q_nope, q_pe], dim=-1)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :end], scale=self.scaling)
+            kv = kv.to(q_nope.dtype)
+            k, v = self._expand_kv(kv[..., :r], kv[..., r:])
+            return attend(torch.cat([q_nope, q_pe], dim=-1), k, v, pos, cached=True, scale=self.scaling, keep=keep)
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H, nope, r], [H, v, r]
-        q_lat_k = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # query in latent space
-        q_abs = torch.cat([q_lat_k, q_pe], dim=-1).reshape(B, H * T, r + self.rope)
-        kv = kv.to(q_abs.dtype)
-        scores = torch.bmm(q_abs, kv.transpose(1, 2)).view(B, H, T, L) * self.scaling
-        scores = scores.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(scores.float(), dim=-1).to(q_abs.dtype)
-        o_lat = torch.bmm(p.view(B, H * T, L), kv[..., :r]).view(B, H, T, r)  # attn @ c
+        q_abs = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # query in latent space
+        kv = kv.to(q_abs.dtype).unsqueeze(1)  # one shared "head": [B, 1, L, r + rope]
+        o_lat = attend(q_abs, kv, kv[..., :r], pos, cached=True, scale=self.scaling, keep=keep)  # attn @ c
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)

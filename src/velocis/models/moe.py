@@ -16,16 +16,22 @@ Routing (all choices come from ModelConfig):
 
 Load balancing (``balance``):
   * "aux_loss": the Switch/Mixtral auxiliary loss ``E * sum_i f_i * P_i`` per MoE layer, where
-    f_i is the fraction of the T*k routed assignments that went to expert i and P_i the mean
-    (normalised) router probability of expert i; 1.0 when perfectly balanced. The model adds
-    ``aux_loss_coef`` times the mean over MoE layers to the loss.
+    f_i is the fraction of the N*k routed assignments that went to expert i and P_i the mean
+    (normalised) router probability of expert i; 1.0 when perfectly balanced, whatever k. The
+    layer returns it as the "moe_balance" auxiliary family; the model adds ``aux_loss_coef``
+    times its mean over MoE layers to the loss. transformers (Mixtral, Qwen3-MoE) normalises f by
+    N instead of N*k, so its loss is k times ours: the HF importer multiplies
+    ``router_aux_loss_coef`` by k (the exporter divides), so the balancing pressure is the same.
   * "aux_free": DeepSeek-V3's auxiliary-loss-free balancing. A per-expert bias
     (``gate.e_score_correction_bias``) is added to the scores for *selection only* (the weights
     use the unbiased scores). Training forwards accumulate each expert's load; after every
-    optimizer step the trainer calls ``model.update_expert_bias()`` (or
-    ``update_expert_bias(model)`` from this module), which does
-    ``bias += bias_update_rate * sign(mean_load - load_i)`` and clears the counts.
+    optimizer step (``after_optimizer_step``, which the trainer hooks onto the optimizer) the
+    layer does ``bias += bias_update_rate * sign(mean_load - load_i)`` and clears the counts.
   * "none": neither.
+Independently, ``seq_aux_loss_coef > 0`` adds DeepSeek-V3's sequence-wise balance loss (the
+"moe_seq_balance" family): the same ``E * sum_i f_i * P_i`` computed within each sequence (P from
+scores normalised to sum to 1 per token) and averaged over sequences; V3 uses it with a tiny
+coefficient beside the auxiliary-loss-free bias, to keep any single sequence from collapsing.
 
 Dispatch is dropless by default: the T*k (token, expert) pairs are sorted by expert id (a
 stable argsort), the tokens gathered into contiguous per-expert segments, the experts run as
@@ -47,9 +53,8 @@ MixtralSparseMoeBlock (transformers >= 5) module-for-module, so a state dict cop
 (Mixtral/Qwen3 have no bias buffer; a loader can ignore ``gate.e_score_correction_bias``
 missing from their checkpoints, it is zeros.)
 
-After a forward the layer keeps ``last_aux_loss`` (a scalar tensor with grad, or None) and
-``last_load`` (tokens per expert, a detached float tensor); ``moe_stats(model)`` and
-``moe_aux_loss(model)`` gather them across layers.
+In training the layer returns ``(out, {family: loss})``; after a forward it keeps ``last_load``
+(tokens per expert, detached) for ``moe_stats(model)``, the expert-load numbers of the logs.
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from velocis.kernels.gemm import Linear
+from velocis.models.registry import register_aux_loss, register_feed_forward, register_stats
 
 __all__ = [
     "MoE",
@@ -70,9 +76,11 @@ __all__ = [
     "dispatch",
     "naive_moe_experts",
     "update_expert_bias",
-    "moe_aux_loss",
     "moe_stats",
 ]
+
+register_aux_loss("moe_balance", "aux_loss_coef")
+register_aux_loss("moe_seq_balance", "seq_aux_loss_coef")
 
 
 # ---------------------------------------------------------------------------
@@ -175,9 +183,9 @@ def _grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _GROUPED_MM_OK:
         ok = False
         if hasattr(torch, "_grouped_mm") and dtype in (torch.float32, torch.bfloat16, torch.float16):
-            try:
-                a = torch.randn(4, 16, device=device, dtype=dtype)
-                b = torch.randn(2, 16, 16, device=device, dtype=dtype)
+            try:  # fixed inputs: a probe must not draw from the global RNG (it would shift training's)
+                a = torch.linspace(-1, 1, 64, device=device, dtype=dtype).view(4, 16)
+                b = torch.linspace(-1, 1, 512, device=device, dtype=dtype).view(2, 16, 16).flip(-1)
                 offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
                 out = torch._grouped_mm(a, b, offs=offs)
                 ref = torch.cat([a[:1] @ b[0], a[1:] @ b[1]])
@@ -286,8 +294,10 @@ class Experts(nn.Module):
 # the feed-forward part
 
 
+@register_feed_forward("moe")
 class MoE(nn.Module):
-    """Sparse MoE feed-forward built as ``MoE(config, layer_idx)``; input/output [..., H]."""
+    """Sparse MoE feed-forward built as ``MoE(config, layer_idx)``; input/output [..., H]
+    (in training (output, aux losses))."""
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
@@ -304,6 +314,7 @@ class MoE(nn.Module):
         self.balance = config.balance
         self.bias_update_rate = config.bias_update_rate
         self.capacity_factor = config.capacity_factor
+        self.seq_aux_loss_coef = config.seq_aux_loss_coef
         self.impl = "auto"  # "auto" | "grouped" | "loop"
         self.gate = Router(self.hidden_dim, self.num_experts)
         self.experts = Experts(self.num_experts, self.hidden_dim, self.inner_dim)
@@ -312,15 +323,17 @@ class MoE(nn.Module):
         )
         # tokens per expert accumulated over training forwards since the last bias update
         self.register_buffer("load_accum", torch.zeros(self.num_experts), persistent=False)
-        self.last_aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
-        self.reset_parameters(getattr(config, "init_std", 0.02), getattr(config, "num_layers", 1))
+        self.init_std, self.num_layers = config.init_std, config.num_layers
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02, num_layers: int = 1) -> None:
-        out_std = std / math.sqrt(2 * num_layers)  # residual-branch output projections (GPT-2 style)
+    def reset_parameters(self) -> None:
+        std = self.init_std
+        out_std = std / math.sqrt(2 * self.num_layers)  # residual-branch output projections (GPT-2 style)
         nn.init.normal_(self.gate.weight, std=std)
         self.gate.e_score_correction_bias.zero_()
+        self.load_accum.zero_()
         nn.init.normal_(self.experts.gate_up_proj, std=std)
         nn.init.normal_(self.experts.down_proj, std=out_std)
         if self.shared_experts is not None:
@@ -328,12 +341,18 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_experts.up_proj.weight, std=std)
             nn.init.normal_(self.shared_experts.down_proj.weight, std=out_std)
 
+    def active_params(self) -> int:
+        """Parameters one token uses: everything but the experts it is not routed to."""
+        experts = sum(p.numel() for p in self.experts.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return total - experts + experts * self.top_k // self.num_experts
+
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
             return None
         return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         logits = self.gate(h)
@@ -351,16 +370,29 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(h)
         self.last_load = load
-        if self.training and self.balance == "aux_free":
+        out = out.reshape(shape)
+        if not self.training:
+            return out
+        aux = {}
+        if self.balance == "aux_free":
             self.load_accum += load
-        if self.training and self.balance == "aux_loss":
+        probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        if self.balance == "aux_loss":
             # f_i: share of the N*k assignments; P_i: mean normalised router probability
             f = load / load.sum().clamp(min=1)
-            probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-            self.last_aux_loss = self.num_experts * torch.sum(f * probs.mean(0))
-        else:
-            self.last_aux_loss = None
-        return out.reshape(shape)
+            aux["moe_balance"] = self.num_experts * torch.sum(f * probs.mean(0))
+        if self.seq_aux_loss_coef > 0:
+            aux["moe_seq_balance"] = self._sequence_balance(probs, indices, shape)
+        return out, aux
+
+    def _sequence_balance(self, probs: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss: E * sum_i f_i P_i within each sequence, averaged."""
+        T = shape[-2] if len(shape) > 2 else probs.shape[0]
+        B = probs.shape[0] // T
+        counts = torch.zeros(B, self.num_experts, device=probs.device, dtype=probs.dtype)
+        counts.scatter_add_(1, indices.view(B, T * self.top_k), torch.ones_like(indices, dtype=probs.dtype).view(B, -1))
+        f = counts / (T * self.top_k)
+        return (self.num_experts * (f * probs.view(B, T, -1).mean(1)).sum(-1)).mean()
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -374,6 +406,10 @@ class MoE(nn.Module):
             torch.distributed.all_reduce(load)  # every rank takes the same step: biases stay identical
         self.gate.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.load_accum.zero_()
+
+    def after_optimizer_step(self) -> None:
+        """Per-step work the trainer runs after every optimizer step (see train/optim.py)."""
+        self.update_bias()
 
 
 # ---------------------------------------------------------------------------
@@ -391,14 +427,7 @@ def update_expert_bias(model: nn.Module) -> None:
         m.update_bias()
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Mean of the last forward's per-layer auxiliary losses (unweighted), or None."""
-    losses = [m.last_aux_loss for m in _moe_layers(model) if m.last_aux_loss is not None]
-    if not losses:
-        return None
-    return torch.stack(losses).mean()
-
-
+@register_stats
 @torch.compiler.disable  # host-side numbers for the logs: never traced
 def moe_stats(model: nn.Module) -> dict:
     """Expert load of the last forward: per-layer tokens per expert and imbalance (max / mean).

@@ -7,33 +7,38 @@ module k = 1..D, at position i (0 <= i < T-k):
     h_k   = norm_k(Block_k(x))                                       (one transformer block; shared_head.norm)
     p_k   = softmax(lm_head(h_k))  predicts t_{i+k+1}
 
-The embedding and the output head are the main model's (shared); each module has its own
-enorm, hnorm, eh_proj, block and norm. Training adds
-``mtp_loss_weight * mean_k CE(p_k, t_{i+k+1})`` (VelocisModel.compute_loss logs it as "mtp_loss").
+The embedding and the output head are the main model's (shared; the model passes them in, this
+module never reaches into it); each module has its own enorm, hnorm, eh_proj, block and norm.
+Training adds ``mtp_loss_weight * mean_k CE(p_k, t_{i+k+1})``: the "mtp" auxiliary family, logged
+as the stat "mtp"; the blocks' own auxiliary losses (e.g. their MoE balance) join the model's.
 This matches transformers' MtpModel / MtpLayer (use_post_norm) for DeepSeek-V3, and the HF checkpoint
 layout ``model.layers.{num_layers + k - 1}.{enorm, hnorm, eh_proj, shared_head.norm, self_attn, mlp, ...}``
 (see interop/hf_deepseek.py).
 
 Velocis names: ``mtp.layers.{k-1}.{enorm, hnorm, eh_proj, block.*, norm}``. The modules stay in the
 checkpoint so an inference engine can use them to draft tokens (self-speculative decoding) through
-``MTP.logits`` / ``MTP.draft``.
+``MTP.logits`` / ``MTP.draft``. Every ``h`` argument here is the main model's *normed* last hidden
+state, norm(last block output).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from velocis.kernels.gemm import Linear
+from velocis.models.block import Block
 from velocis.models.layers import RMSNorm
+from velocis.models.positions import Positions
 
 
 class MTPLayer(nn.Module):
     def __init__(self, config, depth: int):
         super().__init__()
-        from velocis.models.decoder import Block  # lazy: decoder imports this module lazily too
-
         h = config.hidden_dim
         self.depth = depth  # 1-based
+        self.init_std = config.init_std
         self.enorm = RMSNorm(h, config.norm_eps)
         self.hnorm = RMSNorm(h, config.norm_eps)
         self.eh_proj = Linear(2 * h, h, bias=False)
@@ -43,12 +48,18 @@ class MTPLayer(nn.Module):
             if hasattr(part, "layer_idx"):
                 part.layer_idx = config.num_layers + depth - 1
         self.norm = RMSNorm(h, config.norm_eps)
-        nn.init.normal_(self.eh_proj.weight, std=config.init_std)
+        self.reset_parameters()
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """h_prev [B, T, H] (normed previous depth), emb [B, T, H] embeddings of the tokens k ahead -> h_k (normed)."""
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.eh_proj.weight, std=self.init_std)
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, pos: Positions, cache=None):
+        """h_prev [B, T, H] (normed previous depth), emb [B, T, H] embeddings of the tokens k ahead
+        -> (h_k (normed), the block's auxiliary losses)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(x, positions, cache))
+        x, aux = self.block(x, pos, cache)
+        return self.norm(x), aux
 
 
 class MTP(nn.Module):
@@ -56,33 +67,35 @@ class MTP(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(MTPLayer(config, k + 1) for k in range(config.mtp_depth))
 
-    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, model,
-                ignore_index: int = -100) -> torch.Tensor:
-        """Mean over depths of the MTP cross-entropy. h: last block output before the final norm [B, T, H];
-        targets[:, i] is the token after input_ids[:, i]."""
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, embed: nn.Module,
+                head_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        """(mean over depths of the MTP cross-entropy, {family: [per-block aux losses]}).
+        h: normed last hidden state [B, T, H]; targets[:, i] is the token after input_ids[:, i];
+        head_loss(h_k, targets_k) -> mean cross-entropy of the shared head."""
         T = input_ids.shape[1]
-        h = model.norm(h)
-        losses = []
+        losses, aux = [], {}
         for k, layer in enumerate(self.layers, start=1):
             if T - k <= 0:
                 break
-            positions = torch.arange(T - k, device=input_ids.device)  # i: see MTP.logits on positions
-            h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), positions)
-            losses.append(model.head_loss(h, targets[:, k:], ignore_index))
+            pos = Positions(torch.arange(T - k, device=input_ids.device))  # i: see MTP.logits on positions
+            h, block_aux = layer(h[:, : T - k], embed(input_ids[:, k:]), pos)
+            losses.append(head_loss(h, targets[:, k:]))
+            for family, value in block_aux.items():
+                aux.setdefault(family, []).append(value)
         if not losses:
-            return h.sum() * 0.0
-        return torch.stack(losses).mean()
+            return h.sum() * 0.0, aux
+        return torch.stack(losses).mean(), aux
 
-    def per_depth_logits(self, h: torch.Tensor, input_ids: torch.Tensor, model) -> list[torch.Tensor]:
+    def per_depth_logits(self, h: torch.Tensor, input_ids: torch.Tensor, embed: nn.Module, head: nn.Module):
         """Full-sequence (no cache) logits of every depth: element k-1 is [B, T-k, vocab] and its
-        position i predicts token i+k+1. h: last block output before the final norm."""
+        position i predicts token i+k+1. h: the normed last hidden state."""
         T = input_ids.shape[1]
-        h, out = model.norm(h), []
+        out = []
         for k, layer in enumerate(self.layers, start=1):
             if T - k <= 0:
                 break
-            h = layer(h[:, : T - k], model.embed_tokens(input_ids[:, k:]), torch.arange(T - k, device=h.device))
-            out.append(model.lm_head(h))
+            h, _ = layer(h[:, : T - k], embed(input_ids[:, k:]), Positions(torch.arange(T - k, device=h.device)))
+            out.append(head(h))
         return out
 
     # ------------------------------------------------------------------ drafting (inference)
@@ -90,31 +103,29 @@ class MTP(nn.Module):
         """One cache per depth (each MTP block attends over its own past)."""
         return [layer.block.mixer.new_cache(batch_size, max_len, device, dtype) for layer in self.layers]
 
-    def logits(self, model, h_prev: torch.Tensor, tokens: torch.Tensor, depth: int = 1, positions=None,
-               cache=None, prev_normed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP depth on a chunk: h_prev [B, T, H] (the main model's last block output, or the
-        previous depth's output with prev_normed=True) at positions i, tokens [B, T] = t_{i+depth};
-        returns (logits [B, T, vocab] for t_{i+depth+1}, h_depth [B, T, H] (normed)).
-        ``positions`` are i, the positions of h_prev (default 0..T-1), which index ``cache`` (this
-        depth's, from new_cache). transformers rotates MTP depth k at i + k instead: RoPE scores
-        depend only on position differences, so the outputs are the same, and slot i of a cache is
-        filled from position 0 on."""
-        if not prev_normed:
-            h_prev = model.norm(h_prev)
+    def logits(self, h_prev: torch.Tensor, tokens: torch.Tensor, embed: nn.Module, head: nn.Module, depth: int = 1,
+               positions: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP depth on a chunk: h_prev [B, T, H] (the normed main hidden state, or the previous
+        depth's output) at positions i, tokens [B, T] = t_{i+depth}; returns (logits [B, T, vocab] for
+        t_{i+depth+1}, h_depth [B, T, H]). ``positions`` are i ([T] or [B, T], default 0..T-1), which
+        index ``cache`` (this depth's, from new_cache). transformers rotates MTP depth k at i + k
+        instead: RoPE scores depend only on position differences, so the outputs are the same, and
+        slot i of a cache is filled from position 0 on."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.layers[depth - 1](h_prev, model.embed_tokens(tokens), positions, cache)
-        return model.lm_head(h), h
+        pos = Positions(positions, kv_len=int(positions.max()) + 1)
+        h, _ = self.layers[depth - 1](h_prev, embed(tokens), pos, cache)
+        return head(h), h
 
     @torch.no_grad()
-    def draft(self, model, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def draft(self, h: torch.Tensor, ids: torch.Tensor, embed: nn.Module, head: nn.Module) -> torch.Tensor:
         """Greedy draft of D tokens without caches (a reference for the engine's cached drafting).
-        h: the main model's last block output [B, T, H] for ids[:, :T]; ids [B, T+1]: those tokens plus
+        h: the normed main hidden state [B, T, H] for ids[:, :T]; ids [B, T+1]: those tokens plus
         the token the main model chose for position T. Returns [B, D]: drafts for positions T+1..T+D."""
         T, seq, out = h.shape[1], ids, []
-        prev = model.norm(h)
+        prev = h
         for k in range(1, len(self.layers) + 1):
-            logits, prev = self.logits(model, prev, seq[:, k:k + T], depth=k, prev_normed=True)
+            logits, prev = self.logits(prev, seq[:, k:k + T], embed, head, depth=k)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
             seq = torch.cat([seq, nxt], dim=1)

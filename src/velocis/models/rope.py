@@ -81,7 +81,8 @@ def _yarn(dim: int, theta: float, factor: float, orig: int, s: dict) -> tuple[to
 
 
 class RotaryEmbedding(nn.Module):
-    """positions [T] -> (cos, sin) [T, dim], with the scaling's attention factor folded in."""
+    """positions [T] -> (cos, sin) [T, dim]; per-row positions [B, T] -> [B, 1, T, dim] (broadcasting
+    over heads); the scaling's attention factor folded in."""
 
     def __init__(self, dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
@@ -110,8 +111,10 @@ class RotaryEmbedding(nn.Module):
             seq_len = int(positions.max()) + 1
             if seq_len > self.scaling["original_max_seq_len"]:
                 inv_freq = rope_inv_freq(self.dim, self.theta, self.scaling, seq_len)[0].to(positions.device)
-        freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # fp32: positions can be large
+        freqs = positions.float()[..., None] * inv_freq.float()  # fp32: positions can be large
         emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            emb = emb.unsqueeze(1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 

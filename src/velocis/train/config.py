@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,48 +10,55 @@ from velocis.errors import VelocisError
 from velocis.train.schedule import SCHEDULES
 
 
+def _f(default, help: str, **meta):
+    """A field with its CLI help (see utils/cli_fields.py)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/run"
-    data_dir: str = ""  # a prepared data dir (index.json, tokenizer.json, train/, val/)
+    output_dir: str = _f("runs/run", "run directory", cli=False)
+    data_dir: str = _f("", "a prepared data dir (index.json, tokenizer.json, train/, val/)", cli=False)
 
     # --- length of the run: whichever limit comes first ---
-    max_steps: int | None = None
-    time_budget: float | None = None  # minutes of training (checkpoints and evals included)
+    max_steps: int | None = _f(None, "optimizer steps (default fits the preset, unless --time-budget)")
+    time_budget: float | None = _f(None, "stop (and finish the schedule) after this many minutes; "
+                                   "checkpoints and evals count", metavar="MINUTES")
 
     # --- batch ---
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 256
+    batch_size: int = _f(16, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seq_len: int = _f(256, "training sequence length (<= the model's context)")
 
     # --- optimizer and schedule ---
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # "cosine" | "wsd"
-    decay_fraction: float = 0.2  # wsd: the share of the run spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak")
+    warmup_steps: int = _f(50, "warmup steps", flag="--warmup")
+    schedule: str = _f("cosine", "cosine decay, or warmup-stable-decay (wsd)", choices=list(SCHEDULES))
+    decay_fraction: float = _f(0.2, "wsd: the share of the run spent decaying")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
 
     # --- execution ---
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    compile: bool = False
-    # "auto": bf16 autocast (fp32 master weights) where matmuls have bf16 hardware (CUDA with bf16,
-    # CPUs with AVX512-BF16 or AMX), else fp32. "fp32" / "bf16" force one.
-    precision: str = "auto"
-    seed: int = 1337
-    threads: int | None = None  # torch CPU threads; None = torch's default
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = _f(False, "torch.compile the model (slower start, faster steps on a GPU; on a CPU eager "
+                       "with the C++ kernels is faster)")
+    precision: str = _f("auto", "auto: bf16 autocast where the hardware multiplies bf16 (CUDA, AVX512-BF16/AMX "
+                        "CPUs), else fp32", choices=["auto", "fp32", "bf16"])
+    seed: int = _f(1337, "random seed (weights, data order)")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's)")
 
     # --- evaluation, checkpoints, logging ---
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 200
-    keep_last: int = 2
-    log_every: int = 10  # plain-text log lines (the live monitor redraws every step)
-    monitor: str = "auto"  # "auto" (live on a TTY) | "live" | "plain" | "none"
-    plot: bool = True  # write PNG curves at the end
+    eval_every: int = _f(100, "validate every N steps")
+    eval_batches: int = _f(8, "validation batches per evaluation")
+    save_every: int = _f(200, "checkpoint every N steps")
+    keep_last: int = _f(2, "checkpoints to keep (plus best/)")
+    log_every: int = _f(10, "plain-text log line every N steps (the live monitor redraws every step)")
+    monitor: str = _f("auto", "live dashboard (default on a terminal) or plain log lines",
+                      choices=["auto", "live", "plain", "none"])
+    plot: bool = _f(True, "write curves.png at the end")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1,11 +1,16 @@
 """The training loop. One loop for every objective (pretraining now; SFT/DPO/GRPO plug in as
 objectives, see objectives.py).
 
-Per optimizer step: `grad_accum` micro-batches of forward + backward (bf16 autocast on CUDA,
-fp32 on CPU), gradient clipping, AdamW, the learning-rate schedule, then logging, periodic
-validation (loss and bits-per-byte) and atomic checkpoints. A checkpoint carries everything
-the next step depends on (weights, optimizer, RNG states, data position, schedule progress),
-so `resume` continues the run as if it had never stopped.
+Set-up: the model is built on the meta device, handed to the parallelize hook (parallelize.py),
+materialised and initialised, then the optimizer is built and parts' per-step work hooked onto
+it. The trainer names no architecture.
+
+Per optimizer step: `grad_accum` micro-batches of forward + backward (bf16 autocast where the
+hardware has it), each normalised by the valid target tokens of the whole step, gradient
+clipping, AdamW, the learning-rate schedule, then logging, periodic validation (loss and
+bits-per-byte) and atomic checkpoints. A checkpoint carries everything the next step depends on
+(weights, optimizer, RNG states, data position, schedule progress), so `resume` continues the
+run as if it had never stopped.
 """
 from __future__ import annotations
 
@@ -26,11 +31,15 @@ import torch
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
 from velocis.kernels import cpu_ops
+from velocis.models import VelocisModel
 from velocis.train import checkpoint as ckpt_io
 from velocis.train.config import TrainConfig
 from velocis.train.monitor import MetricsLog, make_monitor, memory_usage
-from velocis.train.objectives import NextTokenObjective
+from velocis.train.objectives import NextTokenObjective, Objective
+from velocis.train.optim import build_optimizer, register_step_hooks
+from velocis.train.parallelize import parallelize
 from velocis.train.schedule import lr_multiplier
+from velocis.utils.device import autocast_for, hardware_bf16, resolve_device, resolve_precision
 
 
 class TrainingDiverged(VelocisError):
@@ -48,60 +57,24 @@ class TrainResult:
     val: list[tuple[int, float, float]] = field(default_factory=list)  # (step, val_loss, val_bpb)
 
 
-# --- device / precision / optimizer ---------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VelocisError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def hardware_bf16(device: torch.device) -> bool:
-    """Does this device multiply bf16 matrices natively (faster than fp32, not emulated)?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # AVX512-BF16 (Zen 4, Cooper Lake+) or AMX (Sapphire Rapids+)
-        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        return any(probe() for probe in probes if probe is not None)
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if hardware_bf16(device) else "fp32"
-    return precision
-
-
-def autocast_for(device: torch.device, precision: str):
-    # bf16 autocast keeps fp32 master weights and optimizer state; "fp32" runs plain.
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Decay matrices only; norms' gains and biases stay undecayed (as in nanoGPT / Llama).
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    # The fused kernel does the whole update in one pass per tensor (CUDA and CPU).
-    if device.type in ("cuda", "cpu"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kw)
-        except (RuntimeError, TypeError, ValueError):
-            pass
-    return torch.optim.AdamW(groups, foreach=True, **kw)
-
-
 def _to_python(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.detach()
         return v.item() if v.numel() == 1 else v.float().cpu().tolist()
     return v
+
+
+def average_stats(per_micro_batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each logged number over the step's micro-batches (element-wise for lists)."""
+    def mean(values):
+        if isinstance(values[0], list):
+            return [mean([v[i] for v in values]) for i in range(len(values[0]))]
+        if isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            return sum(values) / len(values)
+        return values[-1]
+
+    keys = [k for k in per_micro_batch[0] if all(k in s for s in per_micro_batch)]
+    return {k: mean([_to_python(s[k]) for s in per_micro_batch]) for k in keys}
 
 
 def seed_everything(seed: int) -> None:
@@ -110,27 +83,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fill_special_ids(config: ModelConfig, tokenizer) -> ModelConfig:
+    """The model's bos/eos/pad ids follow the data's tokenizer where the config leaves them unset."""
+    fill = {f"{n}_token_id": getattr(tokenizer, f"{n}_id", None) for n in ("bos", "eos", "pad")}
+    fill = {k: v for k, v in fill.items() if v is not None and getattr(config, k) is None}
+    return config.replace(**fill) if fill else config
+
+
+def build_model(model_config: ModelConfig, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """Meta device -> parallelize hook -> memory on `device` -> initialised weights."""
+    with torch.device("meta"):
+        model = VelocisModel(model_config)
+    model = parallelize(model, cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 # --- the trainer ---------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, *, objective=None, resume: str | None = None,
-                 overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, *, objective: Objective | None = None,
+                 resume: str | None = None, overwrite: bool = False):
         from velocis.data import PackedLoader
-        from velocis.models import VelocisModel
         from velocis.tokenizer import Tokenizer
 
-        self.cfg, self.model_config = cfg, model_config
+        self.cfg = cfg
         self.objective = objective or NextTokenObjective()
         self.run_dir = cfg.run_dir
         data_dir = Path(cfg.data_dir)
         if not (data_dir / "index.json").is_file():
             raise VelocisError(
-                f"--data {data_dir}: not a prepared data directory (no index.json); "
+                f"data directory {data_dir}: not prepared (no index.json); "
                 f"run `velocis data prepare` or pass --chinese-path/--english-path"
             )
         if cfg.seq_len > model_config.max_seq_len:
             raise VelocisError(
-                f"--seq-len {cfg.seq_len} is longer than the model's context ({model_config.max_seq_len} tokens); "
-                f"use --seq-len {model_config.max_seq_len} or less"
+                f"seq_len (--seq-len) {cfg.seq_len} is longer than the model's context ({model_config.max_seq_len} "
+                f"tokens); use {model_config.max_seq_len} or less"
             )
         self.tokenizer = Tokenizer.load(data_dir)
         if self.tokenizer.vocab_size > model_config.vocab_size:
@@ -138,6 +127,7 @@ class Trainer:
                 f"the data's tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                 f"{model_config.vocab_size}; build the model with vocab_size >= {self.tokenizer.vocab_size}"
             )
+        self.model_config = model_config = fill_special_ids(model_config, self.tokenizer)
 
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -155,8 +145,7 @@ class Trainer:
             self._fresh_run_dir(overwrite)
 
         seed_everything(cfg.seed)
-        self.model = VelocisModel(model_config).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.model = build_model(model_config, cfg, self.device)
         self.train_loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, split="train", seed=cfg.seed)
         self.val_loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, split="val", seed=cfg.seed)
         self._val_start = self.val_loader.state_dict()
@@ -165,8 +154,18 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0  # training seconds, summed over resumes (the time budget spans them)
+        self._clock: float | None = None  # perf_counter of the last time `elapsed` was brought up to date
+        self._save_seconds = 0.0  # how long the last checkpoint took (the next one's elapsed counts it in)
+        self._step_seconds = 0.0  # recent mean step time: where the schedule of a time budget will be
         self.best_val = math.inf
         self.val_history: list[tuple[int, float, float]] = []
+        if self.resume_from is not None:
+            ckpt_io.load_weights(self.model, self.resume_from)
+        self.objective.setup(self.model, self.device)
+        extra = self.objective.modules()
+        self.optimizer = build_optimizer([p for m in (self.model, *extra.values()) for p in m.parameters()],
+                                         cfg, self.device)
+        register_step_hooks(self.optimizer, self.model, *extra.values())
         if self.resume_from is not None:
             self._load(self.resume_from)
 
@@ -213,10 +212,9 @@ class Trainer:
         for key in ("batch_size", "seq_len", "grad_accum"):
             if key in old and old[key] != getattr(self.cfg, key):
                 raise VelocisError(
-                    f"--resume {path}: the run used --{key.replace('_', '-')} {old[key]}, now "
+                    f"resume from {path}: the run used {key} (--{key.replace('_', '-')}) {old[key]}, now "
                     f"{getattr(self.cfg, key)}; resume with the same value to continue exactly"
                 )
-        ckpt_io.load_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["train_loader"])
         self._train_iter = iter(self.train_loader)
@@ -226,8 +224,8 @@ class Trainer:
         self.val_history = [tuple(v) for v in state.get("val_history", [])]
 
     # -- pieces of a step --------------------------------------------------------------------
-    def _loss(self, batch):
-        return self.objective(self.model, batch)
+    def _loss(self, batch, num_tokens):
+        return self.objective(self.model, batch, num_tokens)
 
     def _next_batch(self):
         try:
@@ -238,6 +236,7 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def progress(self) -> float:
+        """Fraction of the run done (steps, or time against the budget; the further along)."""
         p = 0.0
         if self.cfg.max_steps:
             p = max(p, self.step / self.cfg.max_steps)
@@ -245,12 +244,40 @@ class Trainer:
             p = max(p, self.elapsed / (self.cfg.time_budget * 60))
         return p
 
+    def schedule_position(self) -> float:
+        """Where the step about to run sits in the schedule, 0..1: the first step at 0, the last at 1,
+        so the last step trains at the schedule's floor (a time budget: from the mean step time)."""
+        p = 0.0
+        if self.cfg.max_steps:
+            p = max(p, self.step / max(self.cfg.max_steps - 1, 1))
+        if self.cfg.time_budget:
+            budget = self.cfg.time_budget * 60
+            p = max(p, (self.elapsed + self._step_seconds) / budget)
+        return min(p, 1.0)
+
     def lr_now(self) -> float:
         c = self.cfg
         return c.lr * lr_multiplier(
-            self.step, self.progress(), schedule=c.schedule, warmup_steps=c.warmup_steps,
+            self.step, self.schedule_position(), schedule=c.schedule, warmup_steps=c.warmup_steps,
             min_lr_ratio=c.min_lr_ratio, decay_fraction=c.decay_fraction,
         )
+
+    def accumulate(self, batches: list) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward + backward over a step's micro-batches, each normalised by the valid target tokens
+        of all of them. Returns (the step's loss, detached; stats averaged over the micro-batches)."""
+        num_tokens = sum(self.objective.num_tokens(b) for b in batches)
+        if num_tokens == 0:
+            raise VelocisError(f"step {self.step + 1}: no target token in the batch is scored (all are masked)")
+        n = torch.tensor(float(num_tokens), device=self.device)
+        total = torch.zeros((), device=self.device)
+        stats = []
+        for batch in batches:
+            with autocast_for(self.device, self.precision):
+                loss, s = self.loss_fn(batch, n)
+            loss.backward()
+            total += loss.detach()
+            stats.append(s)
+        return total, average_stats(stats)
 
     def train_step(self) -> tuple[float, float, dict[str, Any], float]:
         """One optimizer step; returns (loss, grad norm, stats, lr)."""
@@ -258,17 +285,11 @@ class Trainer:
         lr = self.lr_now()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        stats: dict[str, Any] = {}
-        for _ in range(self.cfg.grad_accum):
-            batch = self._next_batch()
-            with autocast_for(self.device, self.precision):
-                loss, stats = self.loss_fn(batch)
-            (loss / self.cfg.grad_accum).backward()
-            total += loss.detach()
-        loss_value = (total / self.cfg.grad_accum).item()
+        total, stats = self.accumulate([self._next_batch() for _ in range(self.cfg.grad_accum)])
+        loss_value = total.item()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
@@ -278,45 +299,58 @@ class Trainer:
                 f"training diverged at step {self.step + 1}: {what} (lr {lr:.3e}); "
                 f"lower --lr or raise --warmup{hint}"
             )
-        self.optimizer.step()
+        self.optimizer.step()  # runs the parts' after_optimizer_step hooks (e.g. MoE bias updates)
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.model, "update_expert_bias"):  # MoE aux-loss-free balancing
-            self.model.update_expert_bias()
         self.step += 1
         self.tokens += self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum
-        return loss_value, grad_norm, {k: _to_python(v) for k, v in stats.items()}, lr
+        return loss_value, grad_norm, stats, lr
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Mean loss over the first `eval_batches` validation batches, and bits per byte."""
+        """Next-token loss per token over the first `eval_batches` validation batches, and bits per byte."""
         self.model.eval()
         self.val_loader.load_state_dict(self._val_start)  # the same batches every time
-        losses = []
+        nll, count = 0.0, 0
         for i, (x, y) in enumerate(self.val_loader):
             if i >= self.cfg.eval_batches:
                 break
             with autocast_for(self.device, self.precision):
-                loss, stats = self.loss_fn((x.to(self.device), y.to(self.device)))
-            lm = stats.get("lm_loss", loss)  # bpb measures the language model, not aux losses
-            losses.append(float(lm))
-        if not losses:
-            raise VelocisError(f"{self.cfg.data_dir}: the validation split is empty or shorter than --seq-len")
-        val_loss = sum(losses) / len(losses)
+                out = self.model(x.to(self.device), y.to(self.device), reduction="sum")
+            nll += float(out.lm_loss)  # bpb measures the language model, not aux losses
+            count += int(out.num_tokens)
+        if not count:
+            raise VelocisError(f"{self.cfg.data_dir}: the validation split is empty or shorter than seq_len (--seq-len)")
+        val_loss = nll / count
         # nats/token -> bits/token -> bits/byte
         bpb = val_loss / math.log(2) / self.val_loader.bytes_per_token
         self.model.train()
         return val_loss, bpb
 
+    def _tick(self) -> None:
+        """Bring `elapsed` up to now (the time budget is wall time: evals and checkpoints count too)."""
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.elapsed += now - self._clock
+        self._clock = now
+
     def save(self) -> Path:
-        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.trainer_state())
+        self._tick()
+        t0 = time.perf_counter()
+        state = self.trainer_state()
+        # the checkpoint's clock includes this save, estimated by the last one's duration, so a run
+        # resumed from it stands where the uninterrupted run does after the save
+        state["elapsed"] = self.elapsed + self._save_seconds
+        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state)
         ckpt_io.prune_checkpoints(self.run_dir, self.cfg.keep_last)
         ckpt_io.write_root_model(self.run_dir, self.model, self.tokenizer)
+        self._save_seconds = time.perf_counter() - t0
+        self._tick()
         return path
 
-    # -- the loop -------------------------------------------------------------------------
     def done(self) -> bool:
         return self.progress() >= 1.0
 
+    # -- the loop -------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
         if not cfg.max_steps and not cfg.time_budget:
@@ -343,7 +377,7 @@ class Trainer:
         try:
             if self.step == 0:
                 self._eval_and_record(monitor)  # the starting point of the validation curve
-            t_last = time.perf_counter()
+            self._clock = time.perf_counter()  # the time budget counts from here (and spans resumes)
             while not self.done():
                 t0 = time.perf_counter()
                 loss, grad_norm, stats, lr = self.train_step()
@@ -352,10 +386,8 @@ class Trainer:
                     monitor.note(f"compiled + first step in {now - t0:.1f}s")
                 else:
                     window.append(now - t0)
-                # The time budget is wall time: evals and checkpoints count too.
-                self.elapsed += now - t_last
-                t_last = now
-                step_time = sum(window) / len(window) if window else now - t0
+                self._tick()
+                step_time = self._step_seconds = sum(window) / len(window) if window else now - t0
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
                 rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -371,9 +403,7 @@ class Trainer:
                 if self.step % cfg.save_every == 0:
                     monitor.note(f"saved {self.save()}")
                     last_save = self.step
-                now = time.perf_counter()
-                self.elapsed += now - t_last
-                t_last = now
+                self._tick()
             # The end of the run is evaluated and saved here, whichever check (steps or the time
             # budget, which can run out during an eval) ended the loop.
             if self.step > 0 and last_eval != self.step:

@@ -1,31 +1,55 @@
 """Objectives: how a batch becomes a loss. The training loop is the same for all of them.
 
-An objective is a callable `objective(model, batch) -> (loss, stats)`: `loss` is the scalar to
-back-propagate, `stats` a dict of extra numbers to log (tensors or floats; lists such as MoE
-expert loads are shown as they are). SFT, DPO or GRPO plug in here as new objectives, each
-with its own batch format, without a second loop.
+An objective is called once per micro-batch as `objective(model, batch, num_tokens)` and returns
+`(loss, stats)`: `loss` is the scalar to back-propagate for this micro-batch, `stats` a dict of
+numbers to log. `num_tokens` is the count of valid (unmasked) target tokens over *all*
+micro-batches of the optimizer step (from `objective.num_tokens(batch)`, summed by the trainer),
+so a token weighs the same whatever micro-batch it falls in: the step's gradient is that of one
+big batch. An objective may hold more models than the one being trained (a frozen reference,
+a value head): `setup(model, device)` builds them once the model is ready, and `modules()`
+names those the optimizer trains and checkpoints save beside the model.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
+from torch import nn
+
+IGNORE_INDEX = -100
 
 
-class Objective(Protocol):
-    name: str
+class Objective:
+    name = "objective"
 
-    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        """Build what the objective holds beside the trained model (after init or resume)."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules the objective owns besides the model (optimised and checkpointed)."""
+        return {}
+
+    def num_tokens(self, batch: Any) -> int:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Any, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
 
 
-class NextTokenObjective:
-    """Pretraining: cross-entropy of the next token (plus whatever the model adds, e.g. MoE aux loss)."""
+class NextTokenObjective(Objective):
+    """Pretraining: cross-entropy of the next token, plus the model's auxiliary losses (MoE balance,
+    MTP, ...) weighted by this micro-batch's share of the step's tokens."""
 
     name = "pretrain"
 
-    def __call__(self, model, batch):
+    def num_tokens(self, batch) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+    def __call__(self, model, batch, num_tokens):
         input_ids, targets = batch
-        return model.compute_loss(input_ids, targets)
+        out = model(input_ids, targets, reduction="sum", ignore_index=IGNORE_INDEX)
+        share = out.num_tokens / num_tokens
+        return out.lm_loss / num_tokens + out.aux_loss * share, out.stats
 
 
 OBJECTIVES = {"pretrain": NextTokenObjective}
