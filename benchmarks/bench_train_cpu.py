@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from velocis.config import get_preset
-from velocis.train.loop import hardware_bf16, resolve_precision
+from velocis.utils.device import hardware_bf16, resolve_precision
 
 
 def hf_llama(cfg):
@@ -86,7 +86,7 @@ def build_contestant(name, cfg):
         model = VelocisModel(cfg).train()
 
         def loss_fn(x, y):
-            return model.compute_loss(x, y)[0]
+            return model(x, y).loss
     else:
         model = hf_llama(cfg)
 

@@ -17,16 +17,9 @@ TINY = ["--hidden-dim", "64", "--num-layers", "2", "--num-heads", "2", "--num-kv
 FAST = ["--batch-size", "4", "--seq-len", "32", "--device", "cpu", "--monitor", "plain", "--eval-batches", "2"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from velocis.data import default_corpus, prepare_dataset
-    from velocis.tokenizer import Tokenizer
-
-    root = tmp_path_factory.mktemp("train")
-    zh, en = default_corpus.write_default_corpus(root / "corpus")
-    tok = Tokenizer.train([str(zh), str(en)], vocab_size=512, progress=False)
-    tok.save(root / "tok")
-    return Path(prepare_dataset([str(zh)], [str(en)], root / "tok", root / "data"))
+@pytest.fixture
+def data_dir(tiny_data_dir) -> Path:
+    return Path(tiny_data_dir)
 
 
 def cli_error(capsys, argv) -> str:

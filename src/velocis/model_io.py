@@ -141,10 +141,8 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         return None
-    try:
-        from velocis.tokenizer import Tokenizer
-    except ModuleNotFoundError:  # tokenizer module not installed in this build
-        return None
+    from velocis.tokenizer import Tokenizer
+
     return Tokenizer.load(path)
 
 

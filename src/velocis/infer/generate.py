@@ -84,7 +84,8 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
     model.eval()
     device = model.device
     stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=device)
-    pad = pad_id if pad_id is not None else (int(stop[0]) if len(stop) else 0)
+    filler = int(stop[0]) if len(stop) else 0
+    pad = pad_id if pad_id is not None else filler
     B, T = len(rows), max(lens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
@@ -100,13 +101,17 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 return
-            seqs = [torch.cat([s, n.view(1, 1)], dim=1) for s, n in zip(seqs, nxt)]
+            seqs = [torch.cat([s, n.view(1, 1).clamp(min=0)], dim=1) for s, n in zip(seqs, nxt)]
         return
     ids = torch.full((B, T), pad, dtype=torch.long, device=device)
+    ids.fill_(filler)  # right padding: written to the cache, never visible, overwritten
     for b, r in enumerate(rows):
         ids[b, :len(r)] = torch.tensor(r, device=device)
     length = torch.tensor(lens, device=device)
     cache = model.new_cache(B, T + max_new_tokens)
+    if len(set(lens)) > 1 and any(layer.kind == "state" for layer in cache.layers):
+        raise VelocisError("prompts of different lengths cannot share a batch with this model: its recurrent "
+                           "state layers would absorb the padding; give prompts of equal length or one at a time")
     logits = model(ids, cache=cache, logits_at=length - 1)[:, -1]  # prefill
     cache.rollback(length)
     for i in range(max_new_tokens):
@@ -115,7 +120,8 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
         done |= torch.isin(nxt, stop)
         if bool(done.all()) or i == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+        feed = torch.where(done, torch.full_like(nxt, filler), nxt)  # finished rows idle on a valid id
+        logits = model(feed[:, None], cache=cache)[:, -1]
 
 
 class StreamDecoder:

@@ -4,7 +4,7 @@ Velocis builds these as MLA mixers (models/mla.py; V3.2 adds the DSA indexer, mo
 feed-forwards with sigmoid, group-limited, bias-corrected routing and shared experts (models/moe.py),
 the first ``first_k_dense_replace`` layers dense, and optional MTP modules (models/mtp.py).
 
-Tensor names (beyond hf.py's prefix renames):
+Tensor names (beyond hf_dense.py's prefix renames):
   * MLA projections keep HF's names (q_a_proj, q_a_layernorm, q_b_proj | q_proj, kv_a_proj_with_mqa,
     kv_a_layernorm, kv_b_proj, o_proj, indexer.{wq_b, wk, k_norm, weights_proj}).
   * RoPE layout: DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ... of the rope
@@ -35,11 +35,9 @@ import torch
 
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
-from velocis.interop.hf import (HF_ARCHITECTURES, Converter, _eos, name_from_hf, name_to_hf, rope_from_hf,
-                                rope_to_hf)
+from velocis.interop.hf_dense import _eos, name_from_hf, name_to_hf, rope_from_hf, rope_to_hf
 from velocis.interop.hf_moe import pop_stacked_experts
-
-Tensors = dict[str, torch.Tensor]
+from velocis.interop.hf_registry import HF_ARCHITECTURES, Converter, Tensors
 
 
 # --------------------------------------------------------------------------- RoPE row permutation
@@ -240,7 +238,7 @@ def _layer_from_hf(sd: Tensors, hf_prefix: str, out_prefix: str, cfg: ModelConfi
         if rest.startswith("self_attn."):
             mixer[rest[len("self_attn."):]] = v
             continue
-        name = name_from_hf("model.layers.0." + rest)  # reuse hf.py's in-layer renames
+        name = name_from_hf("model.layers.0." + rest)  # reuse hf_dense.py's in-layer renames
         if name is None:
             continue
         out[out_prefix + name[len("layers.0."):]] = v
@@ -300,10 +298,6 @@ def _weights_from_hf(hf_sd: Tensors, cfg: ModelConfig, interleaved: bool) -> Ten
             raise VelocisError(f"unexpected tensor {k} in a DeepSeek checkpoint of {N} layers")
         out[name] = v
     return out
-
-
-def deepseek_v3_weights_from_hf(hf_sd: Tensors, cfg: ModelConfig, interleaved: bool = True) -> Tensors:
-    return _weights_from_hf(hf_sd, cfg, interleaved)
 
 
 def _block_to_hf(sd: Tensors, prefix: str, hf_prefix: str, cfg: ModelConfig, out: Tensors) -> None:

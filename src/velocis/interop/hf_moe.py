@@ -1,7 +1,7 @@
 """Hugging Face MoE checkpoints in and out: Mixtral and Qwen3-MoE.
 
 The attention / embedding / norm weights have the same names as in the Llama family and are
-converted by the dense converter in ``interop/hf.py``; this module adds
+converted by the dense converter in ``interop/hf_dense.py``; this module adds
   * the config mapping (HF config.json <-> ModelConfig) for ``MixtralForCausalLM`` and
     ``Qwen3MoeForCausalLM`` (Qwen3: explicit head_dim, per-head q/k RMSNorm, optional
     ``mlp_only_layers`` / ``decoder_sparse_step`` dense layers, ``norm_topk_prob``);
@@ -20,15 +20,8 @@ import torch
 
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
-from velocis.interop.hf import (
-    HF_ARCHITECTURES,
-    Converter,
-    Tensors,
-    _hf_dense_common,
-    dense_config_fields,
-    dense_weights_from_hf,
-    dense_weights_to_hf,
-)
+from velocis.interop.hf_dense import _hf_dense_common, dense_config_fields, dense_weights_from_hf, dense_weights_to_hf
+from velocis.interop.hf_registry import HF_ARCHITECTURES, Converter, Tensors
 
 # HF per-expert projection names: (gate, up, down)
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
@@ -38,6 +31,17 @@ FFN_MODULE = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
 
 # ---------------------------------------------------------------------------
 # configs
+
+
+def aux_coef_from_hf(hf: dict[str, Any]) -> float:
+    """transformers' balance loss is top-k times Velocis' (it normalises the expert shares by the N
+    tokens, Velocis by the N*k assignments, models/moe.py): scale the coefficient so the loss added
+    to training, and so the balancing pressure, is the same."""
+    return float(hf.get("router_aux_loss_coef", 0.01)) * int(hf["num_experts_per_tok"])
+
+
+def aux_coef_to_hf(cfg: ModelConfig) -> float:
+    return cfg.aux_loss_coef / cfg.num_experts_per_token
 
 
 def mixtral_config(hf: dict[str, Any]) -> ModelConfig:
@@ -55,7 +59,7 @@ def mixtral_config(hf: dict[str, Any]) -> ModelConfig:
         router_score="softmax",
         router_norm_topk=True,
         balance="aux_loss",
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        aux_loss_coef=aux_coef_from_hf(hf),
     )
 
 
@@ -91,7 +95,7 @@ def qwen3_moe_config(hf: dict[str, Any]) -> ModelConfig:
         router_score="softmax",
         router_norm_topk=bool(hf.get("norm_topk_prob", True)),
         balance="aux_loss",
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+        aux_loss_coef=aux_coef_from_hf(hf),
         layer_feed_forwards=None if all(f == "moe" for f in ffs) else ffs,
     )
 
@@ -117,7 +121,7 @@ def to_mixtral_config(cfg: ModelConfig) -> dict[str, Any]:
     hf = _hf_dense_common(cfg)
     hf.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=cfg.moe_dim,
               num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_token,
-              router_aux_loss_coef=cfg.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
+              router_aux_loss_coef=aux_coef_to_hf(cfg), router_jitter_noise=0.0, sliding_window=None,
               output_router_logits=False)
     return hf
 
@@ -129,7 +133,7 @@ def to_qwen3_moe_config(cfg: ModelConfig) -> dict[str, Any]:
               moe_intermediate_size=cfg.moe_dim, num_experts=cfg.num_experts, num_local_experts=cfg.num_experts,
               num_experts_per_tok=cfg.num_experts_per_token, norm_topk_prob=cfg.router_norm_topk,
               decoder_sparse_step=1, mlp_only_layers=[i for i, f in enumerate(ffs) if f != "moe"],
-              router_aux_loss_coef=cfg.aux_loss_coef, use_sliding_window=False, sliding_window=None,
+              router_aux_loss_coef=aux_coef_to_hf(cfg), use_sliding_window=False, sliding_window=None,
               max_window_layers=cfg.num_layers, output_router_logits=False)
     return hf
 

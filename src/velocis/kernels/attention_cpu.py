@@ -8,8 +8,8 @@ PyTorch's CPU flash kernel tiles both queries and keys and pays per-tile overhea
 each (batch, kv head) on one thread with its group of query heads stacked, keeps a 64-query-row
 block of scores of the whole group in cache between the QK^T gemm, the softmax and the PV gemm,
 and calls the BLAS PyTorch itself links once per block. The backward recomputes probabilities
-from the saved log-sum-exp, as flash attention does. fp32 only; a third faster than SDPA at the
-micro preset's shapes (benchmarks/RESULTS.md).
+from the saved log-sum-exp, as flash attention does. fp32 only; its speed against SDPA at the
+micro preset's shapes is in benchmarks/RESULTS.md.
 
 Built on first use with the other CPU kernels (kernels/cpu_ops.py); where they cannot be built,
 attention uses SDPA.

@@ -1,14 +1,13 @@
-"""Linear layers on CPU fp32 through Velocis' own GEMM (csrc/gemm_cpu.cpp), faster than MKL here.
+"""Linear layers on CPU fp32 through Velocis' own GEMM (csrc/gemm_cpu.cpp).
 
 Reference (what the tests hold this to):
 
     F.linear(x, weight)
 
 At a small model's shapes (hidden 256-2000 against thousands of tokens) the C++ GEMM runs the
-forward x W^T and the input gradient dY W at ~87-90 GFLOP/s per Zen 3 core where MKL gets ~80, and
-the tokens-deep weight gradient dY^T X about as fast as MKL in isolation but faster inside a
-training step (A/B: +2-4% per step). Elsewhere (no AVX2/FMA build, autocast, torch.compile, a
-bias, a handful of rows as in decoding) this is F.linear.
+forward x W^T, the input gradient dY W and the tokens-deep weight gradient dY^T X faster than MKL
+inside a training step (benchmarks/RESULTS.md, bench_gemm_cpu.py). Elsewhere (no AVX2/FMA build,
+autocast, torch.compile, a bias, a handful of rows as in decoding) this is F.linear.
 """
 from __future__ import annotations
 

@@ -101,9 +101,9 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, chunk_rows, comput
 
 def _chunked_vocab_major_cpu(h, w, targets, ignore_index, chunk_rows, n_valid, buf, grad_h, grad_w):
     """CPU fp32: each chunk's logits as [vocab, rows] (= W h^T), loss and gradient in one C++ pass
-    (csrc/fused_cpu.cpp). At a small hidden size MKL ran these three matmuls (W h^T, g^T W, g h)
-    faster than the row-major ones (3-5% of a micro-preset step); they now go through Velocis' GEMM
-    (kernels/gemm.py), torch.mm where it is not built."""
+    (csrc/fused_cpu.cpp). At a small hidden size these three matmuls (W h^T, g^T W, g h) ran faster
+    than the row-major ones (benchmarks/RESULTS.md); they go through Velocis' GEMM (kernels/gemm.py),
+    torch.mm where it is not built."""
     loss = 0.0
     flat = buf.view(-1)
     for s in range(0, h.shape[0], chunk_rows):

@@ -87,6 +87,7 @@ class Cache:
             raise VelocisError(f"cannot roll the cache back to lengths {new.tolist()}: rows hold "
                                f"{self.lengths.tolist()} tokens (a rollback only shortens)")
         rows = torch.nonzero(new < self.lengths).flatten()
-        for layer in self.layers:
-            layer.rollback(rows, new)
+        if len(rows):
+            for layer in self.layers:
+                layer.rollback(rows, new)
         self.lengths = new.clone()

@@ -370,7 +370,7 @@ class Trainer:
             monitor.note(f"resumed from {self.resume_from} at step {self.step}")
         if cfg.compile and self.device.type == "cpu" and cpu_ops.available():
             monitor.note("note: under torch.compile the CPU runs without Velocis' C++ kernels (GEMM, attention); "
-                         "eager trains ~20% faster on a CPU (benchmarks/RESULTS.md)")
+                         "eager trains faster on a CPU (benchmarks/RESULTS.md)")
         if self.precision == "bf16" and not hardware_bf16(self.device):
             monitor.note(f"warning: --precision bf16 on a {self.device.type} without bf16 matrix hardware runs "
                          "emulated and far slower than fp32; use --precision auto (fp32 here)")

@@ -50,6 +50,3 @@ class NextTokenObjective(Objective):
         out = model(input_ids, targets, reduction="sum", ignore_index=IGNORE_INDEX)
         share = out.num_tokens / num_tokens
         return out.lm_loss / num_tokens + out.aux_loss * share, out.stats
-
-
-OBJECTIVES = {"pretrain": NextTokenObjective}

@@ -1,9 +1,9 @@
 // fp32 GEMM for AVX2 + FMA CPUs: C = alpha * A B + beta * C, any strides on A and B.
 //
 // Reference: torch.addmm (tests hold this to it). Why not MKL: at a small model's shapes (256-700
-// deep, thousands of rows) MKL's sgemm reaches ~80 GFLOP/s per Zen 3 core out of a 95 peak; this
-// BLIS-style loop nest (Goto's algorithm) with a 6x16 register tile gets ~87-90, and the matmuls
-// are ~80% of a small model's CPU training step (kernels/gemm.py decides which products come here).
+// deep, thousands of rows) this BLIS-style loop nest (Goto's algorithm) with a 6x16 register tile
+// gets closer to the core's FMA peak than MKL's sgemm, and the matmuls are most of a small model's
+// CPU training step (figures: benchmarks/RESULTS.md; kernels/gemm.py decides which products come here).
 //
 // Loop nest (BLIS naming): columns of B in NC blocks -> depth in KC blocks (pack B's KC x NC block
 // as 16-column micro-panels) -> rows of A in MC blocks (pack as 6-row micro-panels, kept in L2)
@@ -35,7 +35,7 @@ namespace velocis_gemm {
 #if VELOCIS_GEMM
 
 // KC: the depth of one pass. Depths up to 1024 go in one pass, the B micro-panel streaming from
-// L2 (with A packed element by element, K = 512 as two passes ran 76 GFLOP/s, as one 89). Deeper
+// L2 (one pass ran faster than two at K = 512). Deeper
 // products (the weight gradient, K = tokens) take passes of ~KC_DEEP, whose B block stays in L2.
 constexpr int64_t MR = 6, NR = 16, KC = 1024, KC_DEEP = 256, MC = 120, NC = 3072;
 
@@ -76,7 +76,7 @@ inline void transpose8(__m256 r[8]) {
 }
 
 // A[i0:i0+mc, p0:p0+kc] -> 6-row micro-panels, each kc x 6 (row index fastest), zero-padded rows.
-// Packing A was 10-25% of the time when done element by element: row-major A (x in x W^T) goes
+// Packing A element by element was a large share of the time: row-major A (x in x W^T) goes
 // through 8x8 register transposes, and each k's 6 values are stored as 8 floats, the next store
 // overwriting the 2 spare ones (so `out` needs 2 floats of slack past the last panel).
 void pack_a(const Mat& A, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float* out) {
@@ -221,7 +221,7 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, float alpha, const Mat& A, con
         pack_a(A, i0, mc, p0, kc, ap);
         // While this block computes, pull the next block's rows of A into L2, a few cache lines
         // before each kernel: packing them then reads L2, not memory (row-major A, e.g. the
-        // activations in x W^T; packing was 10-15% of the time at N = 128-256, now 1-4%).
+        // activations in x W^T, where packing from memory was a visible share of the time).
         const int64_t next_rows = i0 + MC < M ? std::min(MC, M - i0 - MC) : 0;
         const bool by_row = A.cs == 1;  // else A = dY^T (A.rs == 1): k-strips of next_rows floats
         const int64_t strips = by_row ? next_rows : (A.rs == 1 && next_rows ? kc : 0);
