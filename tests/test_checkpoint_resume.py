@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+STATE = "trainer_state.json"
 TINY = ["--hidden-dim", "64", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
         "--mlp-dim", "128", "--max-seq-len", "64"]
 
@@ -48,35 +49,30 @@ def train_losses(run: Path) -> dict[int, float]:
     return out
 
 
-def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    full = tmp_path_factory.mktemp("full") / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    full = tmp_path / "full"
     subprocess.run(velocis_cmd(data_dir, full), check=True, env=env, capture_output=True, timeout=300)
-    reference = train_losses(full)
-    assert sorted(reference) == list(range(1, 61))
+    losses = train_losses(full)
+    assert sorted(losses) == list(range(1, 61))
+    return full, losses
 
-    # Kill the second run hard right after a checkpoint lands.
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(velocis_cmd(data_dir, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (run / "checkpoints" / "step_10" / "trainer_state.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+def assert_resume_matches(data_dir, run, reference) -> None:
+    full, ref = reference
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     steps = sorted(int(d.name.split("_")[1]) for d in (run / "checkpoints").glob("step_*")
-                   if (d / "trainer_state.pt").exists())
+                   if (d / STATE).exists())
     k = steps[-1]
-    assert k < 60, "the run finished before it was killed; nothing was tested"
-
+    assert k < 60, "the run finished before it was stopped; nothing was tested"
     r = subprocess.run(velocis_cmd(data_dir, run, "--resume"), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"at step {k}" in r.stdout
     resumed = train_losses(run)
-    assert sorted(resumed) == list(range(1, 61))  # metrics.jsonl reads as one run
+    assert sorted(resumed) == list(range(1, 61))  # metrics.jsonl reads as one run: no step missing or doubled
     for step in range(k + 1, 61):
-        assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
+        assert abs(resumed[step] - ref[step]) <= 1e-6, (step, resumed[step], ref[step])
     # and the weights at the end are the same too
     from safetensors.torch import load_file
 
@@ -84,3 +80,40 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= 1e-6, name
+
+
+def start_and_wait_for(data_dir, run, step: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(velocis_cmd(data_dir, run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / f"step_{step}" / STATE).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.005)
+    return proc
+
+
+def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path, reference):
+    run = tmp_path / "killed"
+    proc = start_and_wait_for(data_dir, run, 10)  # killed hard right after a checkpoint lands
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_resume_matches(data_dir, run, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_a_step_boundary(data_dir, tmp_path, reference, sig):
+    """SIGTERM (what schedulers and `docker stop` send) and SIGINT stop after the current step and save
+    it: the run resumes exactly, with no metrics line missing and none doubled. Before, SIGTERM saved
+    nothing and SIGINT saved a data position one batch past the saved step."""
+    run = tmp_path / sig.name
+    proc = start_and_wait_for(data_dir, run, 5)
+    time.sleep(0.3)  # mid-way between checkpoints
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 128 + sig
+    err = proc.stderr.read().decode()
+    assert f"stopped by {sig.name}" in err, err
+    logged = sorted(train_losses(run))
+    saved = max(int(d.name.split("_")[1]) for d in (run / "checkpoints").glob("step_*"))
+    assert logged == list(range(1, saved + 1))  # the last logged step is the saved one
+    assert_resume_matches(data_dir, run, reference)

@@ -50,7 +50,8 @@ def test_short_run_writes_run_dir(data_dir, tmp_path, capsys):
     for d in (run / "checkpoints" / "step_12", run / "best", run):
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
         assert (d / "tokenizer.json").is_file()
-    assert (run / "checkpoints" / "step_12" / "trainer_state.pt").is_file()
+    assert (run / "checkpoints" / "step_12" / "trainer_state.json").is_file()
+    assert not (run / "checkpoints" / "step_12" / "trainer_state.pt").exists()  # no pickle
     assert json.loads((run / "best" / "best.json").read_text())["val_loss"] == min(r["val_loss"] for r in evals[1:])
     assert (run / "curves.png").stat().st_size > 1000
     # the root is a loadable model dir

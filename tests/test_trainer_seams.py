@@ -73,7 +73,9 @@ def test_time_budget_checkpoint_counts_that_steps_eval_and_save(tiny_data_dir, t
     monkeypatch.setattr(Trainer, "evaluate", slow_eval)
     cfg = train_cfg(tiny_data_dir, tmp_path / "tb", max_steps=2, time_budget=10.0, eval_every=1, save_every=1)
     result = train(cfg, model_cfg(tiny_data_dir))
-    state = torch.load(Path(result.run_dir) / "checkpoints" / "step_1" / "trainer_state.pt", weights_only=False)
+    from velocis.train.state_io import load_state
+
+    state = load_state(Path(result.run_dir) / "checkpoints" / "step_1")
     assert state["elapsed"] >= 0.4  # step 1's eval ran before its save
     assert result.elapsed_s >= 0.8
 
@@ -123,3 +125,41 @@ def test_moe_bias_updates_from_the_optimizer_hook(tiny_data_dir, tmp_path):
     assert bias.abs().sum() == 0
     tr.train_step()
     assert bias.abs().sum() > 0
+
+
+def test_resume_never_runs_code_from_a_checkpoint(tiny_data_dir, tmp_path):
+    """The trainer state is JSON + safetensors; an old-style trainer_state.pt carrying a __reduce__
+    payload is refused without running it."""
+    import os
+
+    from velocis.errors import VelocisError
+
+    run = tmp_path / "evil"
+    train(train_cfg(tiny_data_dir, run, max_steps=2, save_every=2), model_cfg(tiny_data_dir))
+    ckpt = run / "checkpoints" / "step_2"
+    assert {"trainer_state.json", "trainer_state.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "trainer_state.json").unlink()
+    (ckpt / "trainer_state.safetensors").unlink()
+    torch.save({"step": 2, "x": Payload()}, ckpt / "trainer_state.pt")
+    with pytest.raises(VelocisError, match="safely"):
+        train(train_cfg(tiny_data_dir, run, max_steps=3), model_cfg(tiny_data_dir), resume="auto")
+    assert not marker.exists()
+
+
+def test_legacy_pickle_checkpoints_still_resume(tiny_data_dir, tmp_path):
+    """A checkpoint from before the JSON format (its state pickled, numpy RNG inside) still resumes."""
+    from velocis.train.state_io import load_state
+
+    run = tmp_path / "legacy"
+    train(train_cfg(tiny_data_dir, run, max_steps=2, save_every=2), model_cfg(tiny_data_dir))
+    ckpt = run / "checkpoints" / "step_2"
+    torch.save(load_state(ckpt), ckpt / "trainer_state.pt")  # what the old trainer wrote
+    (ckpt / "trainer_state.json").unlink()
+    (ckpt / "trainer_state.safetensors").unlink()
+    assert train(train_cfg(tiny_data_dir, run, max_steps=3), model_cfg(tiny_data_dir), resume="auto").step == 3

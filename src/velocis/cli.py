@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from velocis.errors import VelocisError
@@ -43,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except VelocisError as e:
         print(f"velocis {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into a clean stop (train/loop.py)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"velocis {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     return int(result or 0)
 
 

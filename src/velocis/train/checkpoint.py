@@ -1,5 +1,6 @@
 """Checkpoints: `RUN/checkpoints/step_N/` = model.safetensors + config.json + tokenizer files
-+ trainer_state.pt (optimizer, step, RNG states, data position, best val).
++ trainer_state.json / trainer_state.safetensors (optimizer, step, RNG states, data position, best
+val; no pickle: train/state_io.py).
 
 Every checkpoint directory is built aside and renamed into place (atomic_path), so a run
 killed mid-save leaves the previous checkpoints intact. We keep the last K, plus `RUN/best/`
@@ -21,9 +22,10 @@ import torch
 
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
+from velocis.train import state_io
 from velocis.utils.atomic import atomic_path
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = state_io.STATE_JSON
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -55,7 +57,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     target = Path(run_dir) / "checkpoints" / f"step_{step}"
     with atomic_path(target) as tmp:
         _write_model(model, tokenizer, tmp)
-        torch.save(trainer_state, tmp / STATE_FILE)
+        state_io.save_state(trainer_state, tmp)
     return target
 
 
@@ -90,7 +92,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for d in ck.iterdir():
         m = _STEP_DIR.match(d.name)
-        if m and (d / STATE_FILE).is_file():
+        if m and state_io.has_state(d):
             found.append((int(m.group(1)), d))
     return sorted(found)
 
@@ -107,7 +109,7 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise VelocisError(f"--resume {path}: no such directory")
-    if (path / STATE_FILE).is_file():
+    if state_io.has_state(path):
         return path
     base = path.parent if path.name == "checkpoints" else path
     found = list_checkpoints(base)
@@ -134,9 +136,9 @@ def check_compatible(ckpt: Path, config: ModelConfig) -> None:
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load model.safetensors into `model` in place (exactly; tied weights may be stored once)."""
-    from safetensors.torch import load_file
+    from velocis.model_io import read_safetensors
 
-    sd = load_file(str(ckpt / "model.safetensors"), device="cpu")
+    sd = read_safetensors(ckpt / "model.safetensors")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded_ptrs = {params[k].data_ptr() for k in sd if k in params}
@@ -149,8 +151,4 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    try:
-        # Our own file: it holds numpy RNG state and plain Python objects, so no weights_only.
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise VelocisError(f"{ckpt / STATE_FILE}: cannot read trainer state ({e}); resume from another checkpoint") from None
+    return state_io.load_state(ckpt)

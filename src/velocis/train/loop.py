@@ -19,6 +19,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +46,36 @@ from velocis.utils.device import autocast_for, hardware_bf16, resolve_device, re
 
 class TrainingDiverged(VelocisError):
     """The loss or gradient became NaN/inf."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary(trainer: "Trainer"):
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, `docker stop`) ask the loop to stop after the step it
+    is in, so the checkpoint it saves is a step boundary and a resume is exact; a second signal
+    stops at once. Only the main thread can take signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt  # asked twice: stop now (the checkpoint is still the last boundary)
+        trainer.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 @dataclass
@@ -159,6 +191,8 @@ class Trainer:
         self._step_seconds = 0.0  # recent mean step time: where the schedule of a time budget will be
         self.best_val = math.inf
         self.val_history: list[tuple[int, float, float]] = []
+        self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after the current step
+        self._last_save = self._last_eval = -1  # the steps last checkpointed / evaluated
         if self.resume_from is not None:
             ckpt_io.load_weights(self.model, self.resume_from)
         self.objective.setup(self.model, self.device)
@@ -168,6 +202,7 @@ class Trainer:
         register_step_hooks(self.optimizer, self.model, *extra.values())
         if self.resume_from is not None:
             self._load(self.resume_from)
+        self._mark_boundary()
 
         self.loss_fn = self._loss
         if cfg.compile:
@@ -191,6 +226,11 @@ class Trainer:
         run.mkdir(parents=True, exist_ok=True)
 
     # -- state ----------------------------------------------------------------------------
+    def _mark_boundary(self) -> None:
+        """Remember the data position and RNG states between steps: a checkpoint always records these,
+        so even one taken while a step was cut short resumes exactly at the step that did not finish."""
+        self._boundary = {"train_loader": self.train_loader.state_dict(), "rng": ckpt_io.rng_state()}
+
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -199,8 +239,7 @@ class Trainer:
             "best_val": self.best_val,
             "val_history": self.val_history,
             "optimizer": self.optimizer.state_dict(),
-            "train_loader": self.train_loader.state_dict(),
-            "rng": ckpt_io.rng_state(),
+            **self._boundary,
             "train_config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(),
             "objective": self.objective.name,
@@ -303,6 +342,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum
+        self._mark_boundary()
         return loss_value, grad_norm, stats, lr
 
     @torch.no_grad()
@@ -344,6 +384,7 @@ class Trainer:
         ckpt_io.prune_checkpoints(self.run_dir, self.cfg.keep_last)
         ckpt_io.write_root_model(self.run_dir, self.model, self.tokenizer)
         self._save_seconds = time.perf_counter() - t0
+        self._last_save = self.step
         self._tick()
         return path
 
@@ -354,17 +395,15 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         if not cfg.max_steps and not cfg.time_budget:
-            raise VelocisError("give --max-steps or --time-budget (or both) so the run knows when to stop")
+            raise VelocisError("give max_steps or time_budget (--max-steps / --time-budget, or both) so the run "
+                               "knows when to stop")
         n_params = sum(p.numel() for p in self.model.parameters())
         title = (f"velocis train · {self.run_dir} · {n_params / 1e6:.1f}M params · {self.device.type} {self.precision}"
                  f" · batch {cfg.batch_size}x{cfg.seq_len}x{cfg.grad_accum}")
         monitor = make_monitor(cfg.monitor, title, cfg.max_steps, cfg.log_every)
         (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        first_loss = last_loss = None
-        window: deque[float] = deque(maxlen=20)  # recent step times, for tokens/s and the ETA
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         # a resumed run starts from a saved step: nothing to save or evaluate again there
-        last_save = last_eval = self.step if self.resume_from is not None else -1
+        self._last_save = self._last_eval = self.step if self.resume_from is not None else -1
         monitor.start()
         if self.resume_from is not None:
             monitor.note(f"resumed from {self.resume_from} at step {self.step}")
@@ -375,45 +414,11 @@ class Trainer:
             monitor.note(f"warning: --precision bf16 on a {self.device.type} without bf16 matrix hardware runs "
                          "emulated and far slower than fp32; use --precision auto (fp32 here)")
         try:
-            if self.step == 0:
-                self._eval_and_record(monitor)  # the starting point of the validation curve
-            self._clock = time.perf_counter()  # the time budget counts from here (and spans resumes)
-            while not self.done():
-                t0 = time.perf_counter()
-                loss, grad_norm, stats, lr = self.train_step()
-                now = time.perf_counter()
-                if self.step == 1 and cfg.compile:
-                    monitor.note(f"compiled + first step in {now - t0:.1f}s")
-                else:
-                    window.append(now - t0)
-                self._tick()
-                step_time = self._step_seconds = sum(window) / len(window) if window else now - t0
-                first_loss = loss if first_loss is None else first_loss
-                last_loss = loss
-                rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens": self.tokens, "tokens_per_s": tokens_per_step / step_time, "elapsed_s": self.elapsed}
-                self.metrics.write({**rec, **stats})
-                rec.update(eta_s=self._eta(step_time), memory=memory_usage(), last=self.done(),
-                           stats={k: v for k, v in stats.items() if k != "lm_loss"})
-                monitor.train(rec)
-
-                if self.step % cfg.eval_every == 0:
-                    self._eval_and_record(monitor)
-                    last_eval = self.step
-                if self.step % cfg.save_every == 0:
-                    monitor.note(f"saved {self.save()}")
-                    last_save = self.step
-                self._tick()
-            # The end of the run is evaluated and saved here, whichever check (steps or the time
-            # budget, which can run out during an eval) ended the loop.
-            if self.step > 0 and last_eval != self.step:
-                self._eval_and_record(monitor)
-            if self.step > 0 and last_save != self.step:
-                monitor.note(f"saved {self.save()}")
-                last_save = self.step
-        except KeyboardInterrupt:
-            if self.step > 0 and last_save != self.step:
-                monitor.note("interrupted: saving a checkpoint…")
+            with stop_at_step_boundary(self):
+                first_loss, last_loss = self._loop(monitor)
+        except KeyboardInterrupt:  # a second signal, or an interrupt raised inside a step
+            if self.step > 0 and self._last_save != self.step:
+                monitor.note("interrupted: saving a checkpoint of the last finished step…")
                 self.save()
             raise
         finally:
@@ -427,8 +432,56 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.tokens, self.elapsed, first_loss, last_loss,
                            list(self.val_history))
 
+    def _loop(self, monitor) -> tuple[float | None, float | None]:
+        """Steps until done (or a stop signal); evaluates and saves on schedule and at the end."""
+        cfg = self.cfg
+        first_loss = last_loss = None
+        window: deque[float] = deque(maxlen=20)  # recent step times, for tokens/s and the ETA
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        if self.step == 0:
+            self._eval_and_record(monitor)  # the starting point of the validation curve
+        self._clock = time.perf_counter()  # the time budget counts from here (and spans resumes)
+        while not self.done() and self.stop_signal is None:
+            t0 = time.perf_counter()
+            loss, grad_norm, stats, lr = self.train_step()
+            now = time.perf_counter()
+            if self.step == 1 and cfg.compile:
+                monitor.note(f"compiled + first step in {now - t0:.1f}s")
+            else:
+                window.append(now - t0)
+            self._tick()
+            step_time = self._step_seconds = sum(window) / len(window) if window else now - t0
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": self.tokens, "tokens_per_s": tokens_per_step / step_time, "elapsed_s": self.elapsed}
+            self.metrics.write({**rec, **stats})
+            rec.update(eta_s=self._eta(step_time), memory=memory_usage(), last=self.done(),
+                       stats={k: v for k, v in stats.items() if k != "lm_loss"})
+            monitor.train(rec)
+            if self.stop_signal is not None:
+                break  # the checkpoint below is this step's; no eval first (the user asked to stop)
+            if self.step % cfg.eval_every == 0:
+                self._eval_and_record(monitor)
+            if self.step % cfg.save_every == 0:
+                monitor.note(f"saved {self.save()}")
+            self._tick()
+        if self.stop_signal is not None:
+            if self.step > 0 and self._last_save != self.step:
+                monitor.note(f"{signal.Signals(self.stop_signal).name}: saved {self.save()}; "
+                             f"continue with --resume")
+            raise TrainingInterrupted(self.stop_signal)
+        # The end of the run is evaluated and saved here, whichever check (steps or the time
+        # budget, which can run out during an eval) ended the loop.
+        if self.step > 0 and self._last_eval != self.step:
+            self._eval_and_record(monitor)
+        if self.step > 0 and self._last_save != self.step:
+            monitor.note(f"saved {self.save()}")
+        return first_loss, last_loss
+
     def _eval_and_record(self, monitor) -> None:
         val_loss, bpb = self.evaluate()
+        self._last_eval = self.step
         self.val_history.append((self.step, val_loss, bpb))
         rec = {"type": "eval", "step": self.step, "val_loss": val_loss, "val_bpb": bpb}
         self.metrics.write(rec)
