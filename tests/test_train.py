@@ -218,7 +218,7 @@ def test_unknown_precision_is_named(tmp_path):
     from velocis.errors import VelocisError
     from velocis.train.config import TrainConfig
 
-    with pytest.raises(VelocisError, match="--precision 'fp8'"):
+    with pytest.raises(VelocisError, match=r"precision \(--precision\) 'fp8'"):
         TrainConfig(output_dir=str(tmp_path), data_dir=str(tmp_path), max_steps=1, precision="fp8")
 
 

@@ -16,7 +16,11 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: to
     from velocis import model_io
     from velocis.interop import hf
 
-    path = Path(path)
+    from velocis.utils.output_dir import as_path
+
+    path = as_path(path, "path")
+    if dtype is not None:
+        model_io.require_dtype(dtype, "dtype")
     if not path.exists():
         raise VelocisError(f"{path}: no such directory; pass a Velocis model, run or Hugging Face directory")
     if path.is_file():
@@ -39,40 +43,55 @@ def _is_batch(prompt) -> bool:
 
 def generate(model, tokenizer, prompt: str | list[int] | list[str] | list[list[int]], max_new_tokens: int = 128,
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
-             add_bos: bool = True, stop_at_eos: bool = True, stream: bool = False,
+             prompt_start: bool = True, stop_at_eos: bool = True, stream: bool = False,
              callback: Callable[[str], None] | None = None, stats: dict | None = None) -> str | list[str] | Iterator[str]:
     """Continue `prompt`; returns the generated text (without the prompt).
 
     A list of prompts (strings or token-id lists) runs as one batch and returns a list of texts;
     each row stops at its own EOS, and greedy outputs equal each prompt run alone.
+    prompt_start: put the model's prompt-start token first (`config.prompt_start_token_id`: the token
+    that precedes a document in its training data, EOS for Velocis models, BOS for Llama imports).
     stream=True (one prompt) returns an iterator of text pieces as they are produced (UTF-8 safe);
     callback(piece) is called for each piece either way. `stats`, if given, receives
-    new_tokens, seconds and tokens_per_s.
+    prompt_tokens, new_tokens, seconds and tokens_per_s. Every check runs before the first token,
+    also with stream=True.
     """
+    from velocis.infer.generate import check_length, check_sampling
+
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise VelocisError(f"seed (--seed) must be an integer, got {seed!r}")
+    if tokenizer is None:
+        raise VelocisError("this model directory has no tokenizer (tokenizer.json); add one, or call "
+                           "velocis.infer.generate.generate_ids with token ids")
     stats = stats if stats is not None else {}
-    if _is_batch(prompt):
-        if stream or callback is not None:
-            raise VelocisError("stream and callback take one prompt; for a list of prompts call without them")
-        return _generate_batch(model, tokenizer, list(prompt), max_new_tokens, temperature, top_k, top_p, seed,
-                               add_bos, stop_at_eos, stats)
-    pieces = _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
-                              stop_at_eos, callback, stats)
+    batch = _is_batch(prompt)
+    if batch and (stream or callback is not None):
+        raise VelocisError("stream and callback take one prompt; for a list of prompts call without them")
+    rows = [_prompt_ids(model, tokenizer, p, prompt_start) for p in (prompt if batch else [prompt])]
+    for ids in rows:
+        check_length(len(ids), max_new_tokens, model.config.max_seq_len)
+    gen, stop = _sampling_setup(model, tokenizer, seed, stop_at_eos)
+    if batch:
+        return _generate_batch(model, tokenizer, rows, max_new_tokens, temperature, top_k, top_p, gen, stop, stats)
+    pieces = _generate_pieces(model, tokenizer, rows[0], max_new_tokens, temperature, top_k, top_p, gen, stop,
+                              callback, stats)
     return pieces if stream else "".join(pieces)
 
 
-def _prompt_ids(model, tokenizer, prompt, add_bos: bool) -> list[int]:
+def _prompt_ids(model, tokenizer, prompt, prompt_start: bool) -> list[int]:
     if isinstance(prompt, str):
-        if tokenizer is None:
-            raise VelocisError("this model directory has no tokenizer (tokenizer.json); pass token ids or add one")
-        bos = add_bos and getattr(tokenizer, "bos_id", None) is not None
-        ids = tokenizer.encode(prompt, add_bos=bos)
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        ids = list(prompt)
     else:
-        ids = [int(i) for i in prompt]
+        raise VelocisError(f"prompt must be a string or a list of token ids (or a list of those), got "
+                           f"{type(prompt).__name__}")
+    start = model.config.prompt_start_token_id if prompt_start else None
+    if start is not None and ids[:1] != [start]:
+        ids = [start] + ids
     if not ids:
-        bos = getattr(tokenizer, "bos_id", None)
-        if bos is None:
-            raise VelocisError("the prompt is empty and the tokenizer has no BOS token; give a prompt")
-        ids = [bos]
+        raise VelocisError("the prompt is empty and this model has no prompt-start token; give a prompt")
     vocab = model.config.vocab_size
     if max(ids) >= vocab or min(ids) < 0:
         raise VelocisError(f"the prompt has token id {max(ids)} but the model's vocabulary has {vocab} ids; "
@@ -81,10 +100,9 @@ def _prompt_ids(model, tokenizer, prompt, add_bos: bool) -> list[int]:
 
 
 def _sampling_setup(model, tokenizer, seed, stop_at_eos):
-    device = model.device
     gen = None
     if seed is not None:
-        gen = torch.Generator(device=device)
+        gen = torch.Generator(device=model.device)
         gen.manual_seed(seed)
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
@@ -93,16 +111,11 @@ def _sampling_setup(model, tokenizer, seed, stop_at_eos):
     return gen, stop
 
 
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
-                    stop_at_eos, stats) -> list[str]:
+def _generate_batch(model, tokenizer, rows, max_new_tokens, temperature, top_k, top_p, gen, stop, stats) -> list[str]:
     import time
 
     from velocis.infer.generate import generate_ids
 
-    if tokenizer is None:
-        raise VelocisError("this model directory has no tokenizer (tokenizer.json); use generate_ids with token ids")
-    rows = [_prompt_ids(model, tokenizer, p, add_bos) for p in prompts]
-    gen, stop = _sampling_setup(model, tokenizer, seed, stop_at_eos)
     out: list[list[int]] = [[] for _ in rows]
     finished = [False] * len(rows)
     t0 = time.perf_counter()
@@ -119,16 +132,12 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     return [tokenizer.decode(o) for o in out]
 
 
-def _generate_pieces(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, add_bos,
-                     stop_at_eos, callback, stats) -> Iterator[str]:
+def _generate_pieces(model, tokenizer, ids, max_new_tokens, temperature, top_k, top_p, gen, stop, callback,
+                     stats) -> Iterator[str]:
     import time
 
     from velocis.infer.generate import StreamDecoder, generate_ids
 
-    if tokenizer is None:
-        raise VelocisError("this model directory has no tokenizer (tokenizer.json); pass token ids or add one")
-    ids = _prompt_ids(model, tokenizer, prompt, add_bos)
-    gen, stop = _sampling_setup(model, tokenizer, seed, stop_at_eos)
     decoder = StreamDecoder(tokenizer)
     stats.update(prompt_tokens=len(ids), new_tokens=0)
     t0 = time.perf_counter()

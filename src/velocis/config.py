@@ -18,6 +18,7 @@ from typing import Any
 
 from velocis.errors import VelocisError
 from velocis.models.registry import FEED_FORWARDS, MIXERS
+from velocis.utils.fields import check_field_types
 
 
 @dataclass
@@ -87,6 +88,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # what generation puts before a prompt: the token that precedes a document in the training data.
+    # Velocis packs documents each ending with EOS, so a document starts after an EOS (the trainer sets
+    # this to the EOS id); Llama-family imports keep their BOS; None puts nothing before the prompt.
+    prompt_start_token_id: int | None = None
 
     # ------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -99,6 +104,8 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_field_types(self, "ModelConfig")
+
         def bad(msg: str) -> None:
             raise VelocisError(f"invalid model config: {msg}")
 
@@ -245,7 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         first_dense_layers=3, router_score="sigmoid", router_norm_topk=True,
                         num_expert_groups=8, topk_groups=4, routed_scaling_factor=2.5, balance="aux_free",
                         seq_aux_loss_coef=1e-4,
-                        mtp_depth=1, mtp_loss_weight=0.3, bos_token_id=0, eos_token_id=1),
+                        mtp_depth=1, mtp_loss_weight=0.3, bos_token_id=0, eos_token_id=1, prompt_start_token_id=0),
 }
 # DeepSeek-V3.2: V3 plus DeepSeek Sparse Attention (lightning indexer: 64 heads of 128, top-2048 tokens).
 PRESETS["deepseek-v3.2"] = dict(PRESETS["deepseek-v3"], index_num_heads=64, index_head_dim=128, index_topk=2048)

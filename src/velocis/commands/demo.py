@@ -52,7 +52,7 @@ def run(args) -> int:
     data_dir = prepare_run_data(out, [str(zh)], [str(en)], vocab_size=args.vocab_size)
     tok = Tokenizer.load(data_dir)
     model_config = get_preset("micro", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, prompt_start_token_id=tok.eos_id)
     print(f"[3/4] training the micro model for {args.max_steps} steps (Ctrl-C stops early)")
     cfg = TrainConfig(
         output_dir=str(out), data_dir=str(data_dir), max_steps=args.max_steps,

@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
+    p.add_argument("--no-prompt-start", action="store_true",
+                   help="do not put the model's prompt-start token (the one its documents follow in training, "
+                        "EOS for Velocis models, BOS for Llama imports) before the prompt")
     p.add_argument("--quiet", action="store_true", help="no speed summary on stderr")
     p.set_defaults(func=run)
 
@@ -30,18 +33,17 @@ def run(args) -> int:
     out = sys.stdout
     if hasattr(out, "reconfigure"):  # a non-UTF-8 terminal shows '?' rather than crashing on Chinese
         out.reconfigure(errors="replace")
+    stats: dict = {}
+    # every check (prompt length, token ids) runs here, before anything is printed
+    pieces = velocis.generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              prompt_start=not args.no_prompt_start, stream=True, stats=stats)
     if not args.no_echo:
         out.write(args.prompt)
         out.flush()
-    stats: dict = {}
-
-    def emit(piece: str) -> None:
+    for piece in pieces:
         out.write(piece)
         out.flush()
-
-    velocis.generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, callback=emit,
-                     stats=stats)
     out.write("\n")
     out.flush()
     if not args.quiet:

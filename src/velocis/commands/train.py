@@ -87,7 +87,8 @@ def model_config_for(args, tokenizer) -> ModelConfig:
         if "hidden_dim" in overrides and args.head_dim is None:
             overrides["head_dim"] = None  # follow hidden_dim / num_heads
     overrides.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                     eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+                     eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                     prompt_start_token_id=tokenizer.eos_id)
     return get_preset(preset, **overrides)
 
 

@@ -12,6 +12,7 @@ once it decodes without a trailing replacement character.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -38,15 +39,40 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _number(value, name: str, kind=(int, float)) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if kind is int else "a number"
+        raise VelocisError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise VelocisError(f"{name} must be a finite number, got {value}")
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """Named both ways (Python argument and CLI flag): both kinds of caller read these errors."""
+    _number(temperature, "temperature (--temperature)")
+    _number(max_new_tokens, "max_new_tokens (--max-new-tokens)", int)
+    if top_k is not None:
+        _number(top_k, "top_k (--top-k)", int)
+    if top_p is not None:
+        _number(top_p, "top_p (--top-p)")
     if temperature < 0:
-        raise VelocisError(f"--temperature {temperature} must be >= 0 (0 = greedy)")
+        raise VelocisError(f"temperature (--temperature) {temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 0:
-        raise VelocisError(f"--top-k {top_k} must be >= 0 (0 = off)")
+        raise VelocisError(f"top_k (--top-k) {top_k} must be >= 0 (0 = off)")
     if top_p is not None and not 0 < top_p <= 1:
-        raise VelocisError(f"--top-p {top_p} must be in (0, 1]")
+        raise VelocisError(f"top_p (--top-p) {top_p} must be in (0, 1]")
     if max_new_tokens < 0:
-        raise VelocisError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+        raise VelocisError(f"max_new_tokens (--max-new-tokens) {max_new_tokens} must be >= 0")
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    if prompt_tokens >= context:
+        raise VelocisError(f"the prompt is {prompt_tokens} tokens but the model's context is {context}: "
+                           f"shorten the prompt to fewer than {context} tokens")
+    if prompt_tokens + max_new_tokens > context:
+        raise VelocisError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                           f"context ({context}); ask for at most {context - prompt_tokens} new tokens "
+                           f"(max_new_tokens / --max-new-tokens) or shorten the prompt")
 
 
 def _as_rows(prompts) -> list[list[int]]:
@@ -75,10 +101,7 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
     lens = [len(r) for r in rows]
     if min(lens) == 0:
         raise VelocisError("a prompt is empty; give at least one token")
-    ctx = model.config.max_seq_len
-    if max(lens) + max_new_tokens > ctx:
-        raise VelocisError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                           f"context ({ctx}); ask for at most {max(ctx - max(lens), 0)} new tokens or shorten the prompt")
+    check_length(max(lens), max_new_tokens, model.config.max_seq_len)
     if max_new_tokens == 0:
         return
     model.eval()

@@ -35,7 +35,7 @@ import torch
 
 from velocis.config import ModelConfig
 from velocis.errors import VelocisError
-from velocis.interop.hf_dense import _eos, name_from_hf, name_to_hf, rope_from_hf, rope_to_hf
+from velocis.interop.hf_dense import _eos, name_from_hf, name_to_hf, prompt_start, rope_from_hf, rope_to_hf
 from velocis.interop.hf_moe import pop_stacked_experts
 from velocis.interop.hf_registry import HF_ARCHITECTURES, Converter, Tensors
 
@@ -116,6 +116,7 @@ def _common_from_hf(hf: dict[str, Any], kind: str) -> dict[str, Any]:
         mtp_depth=int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=_eos(hf),
+        prompt_start_token_id=prompt_start(hf),
         pad_token_id=hf.get("pad_token_id"),
         **rope_from_hf(hf),
     )

@@ -134,6 +134,15 @@ def _eos(hf: dict[str, Any]) -> int | None:
     return e[0] if isinstance(e, list) and e else e
 
 
+# Families whose tokenizers put BOS before every text: their models were trained that way, so a
+# prompt starts with BOS (ModelConfig.prompt_start_token_id). Qwen's do not: nothing goes first.
+ADDS_BOS = {"llama", "mistral", "mixtral", "deepseek_v3", "deepseek_v32"}
+
+
+def prompt_start(hf: dict[str, Any]) -> int | None:
+    return hf.get("bos_token_id") if hf.get("model_type") in ADDS_BOS else None
+
+
 def dense_config_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields shared by the Llama family (attention + SwiGLU, RMSNorm, RoPE)."""
     act = hf.get("hidden_act", "silu")
@@ -156,6 +165,7 @@ def dense_config_fields(hf: dict[str, Any]) -> dict[str, Any]:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=_eos(hf),
         pad_token_id=hf.get("pad_token_id"),
+        prompt_start_token_id=prompt_start(hf),
         **rope_from_hf(hf),
     )
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from velocis.errors import VelocisError
 from velocis.train.schedule import SCHEDULES
+from velocis.utils.cli_fields import flag_for
+from velocis.utils.fields import check_field_types
 
 
 def _f(default, help: str, **meta):
@@ -64,28 +66,40 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_field_types(self, "TrainConfig")
+
+        def name(field: str) -> str:  # the Python name and the CLI flag: both kinds of caller read this
+            return f"{field} ({flag_for(next(f for f in dataclasses.fields(self) if f.name == field))})"
+
         def bad(msg: str) -> None:
             raise VelocisError(msg)
 
         if self.max_steps is not None and self.max_steps <= 0:
-            bad(f"--max-steps must be positive, got {self.max_steps}")
+            bad(f"{name('max_steps')} must be positive, got {self.max_steps}")
         if self.time_budget is not None and self.time_budget <= 0:
-            bad(f"--time-budget must be positive minutes, got {self.time_budget}")
-        for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "eval_batches", "log_every"):
-            if getattr(self, name) <= 0:
-                bad(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+            bad(f"{name('time_budget')} must be positive minutes, got {self.time_budget}")
+        for field in ("batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "eval_batches", "log_every"):
+            if getattr(self, field) <= 0:
+                bad(f"{name(field)} must be positive, got {getattr(self, field)}")
         if self.keep_last < 1:
-            bad(f"--keep-last must be at least 1, got {self.keep_last}")
+            bad(f"{name('keep_last')} must be at least 1, got {self.keep_last}")
         if not self.lr > 0:
-            bad(f"--lr must be positive, got {self.lr}")
+            bad(f"{name('lr')} must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            bad(f"{name('min_lr_ratio')} must be in [0, 1] and {name('decay_fraction')} in (0, 1], got "
+                f"{self.min_lr_ratio} and {self.decay_fraction}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            bad(f"{name('warmup_steps')}, {name('weight_decay')} and {name('grad_clip')} must be >= 0")
+        if self.threads is not None and self.threads <= 0:
+            bad(f"{name('threads')} must be positive, got {self.threads}")
         if self.schedule not in SCHEDULES:
-            bad(f"--schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+            bad(f"{name('schedule')} {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            bad(f"--precision {self.precision!r} is unknown; choose auto, fp32 or bf16")
+            bad(f"{name('precision')} {self.precision!r} is unknown; choose auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad(f"--device {self.device!r} is unknown; choose auto, cpu or cuda")
+            bad(f"{name('device')} {self.device!r} is unknown; choose auto, cpu or cuda")
         if self.monitor not in ("auto", "live", "plain", "none"):
-            bad(f"monitor {self.monitor!r} must be auto, live, plain or none")
+            bad(f"{name('monitor')} {self.monitor!r} must be auto, live, plain or none")
 
     @property
     def run_dir(self) -> Path:

@@ -116,8 +116,10 @@ def seed_everything(seed: int) -> None:
 
 
 def fill_special_ids(config: ModelConfig, tokenizer) -> ModelConfig:
-    """The model's bos/eos/pad ids follow the data's tokenizer where the config leaves them unset."""
+    """The model's bos/eos/pad ids follow the data's tokenizer where the config leaves them unset, and
+    a prompt starts the way a document does in the packed data: after an EOS."""
     fill = {f"{n}_token_id": getattr(tokenizer, f"{n}_id", None) for n in ("bos", "eos", "pad")}
+    fill["prompt_start_token_id"] = getattr(tokenizer, "eos_id", None)
     fill = {k: v for k, v in fill.items() if v is not None and getattr(config, k) is None}
     return config.replace(**fill) if fill else config
 
