@@ -38,6 +38,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from velocis.train.run_dir import locked_run_dir
+
+    with locked_run_dir(args.output_dir):
+        return _run(args)
+
+
+def _run(args) -> int:
     from velocis.config import get_preset
     from velocis.data import default_corpus
     from velocis.tokenizer import Tokenizer

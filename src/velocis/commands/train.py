@@ -104,15 +104,22 @@ def train_config_for(args, output_dir: Path, data_dir: Path, model_config: Model
 
 
 def run(args) -> int:
+    from velocis.train.run_dir import check_run_dir, locked_run_dir
+
+    preset = args.fixed_preset or args.preset
+    get_preset(preset)  # an unknown preset fails here, before any work
+    output_dir = Path(args.output_dir or f"runs/{preset if not args.custom else 'custom'}")
+    check_run_dir(output_dir, args.overwrite, bool(args.resume))  # before any data is prepared into it
+    with locked_run_dir(output_dir):  # one writer: a second training or resume here is refused
+        return _run(args, preset, output_dir)
+
+
+def _run(args, preset: str, output_dir: Path) -> int:
     from velocis.tokenizer import Tokenizer
     from velocis.train import train
     from velocis.train.prepare import prepare_run_data
 
-    preset = args.fixed_preset or args.preset
-    get_preset(preset)  # an unknown preset fails here, before any work
     d = DEFAULTS.get(preset, DEFAULTS["custom"] if args.custom else DEFAULTS["micro"])
-    output_dir = Path(args.output_dir or f"runs/{preset if not args.custom else 'custom'}")
-
     if args.data and (args.chinese_path or args.english_path):
         raise VelocisError("pass either --data DIR or --chinese-path/--english-path, not both")
     if args.data:

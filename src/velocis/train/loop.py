@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ from velocis.errors import VelocisError
 from velocis.kernels import cpu_ops
 from velocis.models import VelocisModel
 from velocis.train import checkpoint as ckpt_io
+from velocis.train import run_dir
 from velocis.train.config import TrainConfig
 from velocis.train.monitor import MetricsLog, make_monitor, memory_usage
 from velocis.train.objectives import NextTokenObjective, Objective
@@ -170,13 +170,19 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
 
-        # Where does this run start?
+        # Where does this run start? One writer per run dir: the lock is held until run() ends.
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(run_dir.locked_run_dir(self.run_dir))
         self.resume_from: Path | None = None
-        if resume:
-            self.resume_from = ckpt_io.find_checkpoint(self.run_dir if resume == "auto" else resume)
-            ckpt_io.check_compatible(self.resume_from, model_config)
-        else:
-            self._fresh_run_dir(overwrite)
+        try:
+            if resume:
+                self.resume_from = ckpt_io.find_checkpoint(self.run_dir if resume == "auto" else resume)
+                ckpt_io.check_compatible(self.resume_from, model_config)
+            else:
+                run_dir.start_fresh(self.run_dir, overwrite)
+        except BaseException:
+            self.close()
+            raise
 
         seed_everything(cfg.seed)
         self.model = build_model(model_config, cfg, self.device)
@@ -214,18 +220,9 @@ class Trainer:
             self.metrics.truncate_after(self.step)
 
     # -- run dir ---------------------------------------------------------------------------
-    def _fresh_run_dir(self, overwrite: bool) -> None:
-        run = self.run_dir
-        if ckpt_io.list_checkpoints(run) and not overwrite:
-            raise VelocisError(
-                f"{run} already holds a training run; pass --resume to continue it, "
-                f"--overwrite to start over, or choose another --output-dir"
-            )
-        for name in ("checkpoints", "best"):
-            shutil.rmtree(run / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "curves.png", "model.safetensors", "config.json"):
-            (run / name).unlink(missing_ok=True)
-        run.mkdir(parents=True, exist_ok=True)
+    def close(self) -> None:
+        """Release the run directory's lock (run() does this when it ends)."""
+        self._lock.close()
 
     # -- state ----------------------------------------------------------------------------
     def _mark_boundary(self) -> None:
@@ -426,6 +423,7 @@ class Trainer:
         finally:
             monitor.stop()
             self.metrics.close()
+            self.close()
         if cfg.plot and self.step > 0:
             from velocis.train.plot import plot_run
 
