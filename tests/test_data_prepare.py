@@ -133,30 +133,35 @@ def test_rerun_of_finished_run_is_a_fast_noop(corpus, prepared):
 def test_resume_rewrites_only_missing_shards(corpus, tmp_path):
     out = prep(corpus, tmp_path / "data")
     final = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    # a run killed part way: no index yet, one shard never finished (marker and files missing)
-    (out / "index.json").unlink()
-    (out / "done" / "zh_00001.json").unlink()
-    (out / "train" / "zh_00001.bin").unlink()
+    # a run killed part way: one shard never finished (marker and files missing); its index is the old one
+    (key,) = [p.stem for p in (out / "done").glob("zh_00001-*.json")]  # names are key-contenthash
+    (out / "done" / f"{key}.json").unlink()
+    (out / "train" / f"{key}.bin").unlink()
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    (out / "index.json").write_text("{}")  # an index that does not describe this input
     time.sleep(0.02)
     prep(corpus, out)
     rewritten = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
                        and p in mtimes and p.stat().st_mtime_ns != mtimes[p])
-    assert rewritten == ["train/zh_00001.docs.npy", "val/zh_00001.bin", "val/zh_00001.docs.npy"]
+    assert rewritten == ["index.json", f"train/{key}.docs.npy", f"val/{key}.bin", f"val/{key}.docs.npy"]
     again = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert again == final
 
 
 def test_changed_input_rewrites_only_changed_shards_and_drops_stale(corpus, tmp_path):
     out = prep(corpus, tmp_path / "data")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()}
     small = tmp_path / "zh_small"
     small.mkdir()
     (small / "a.txt").write_text("只有一个文档。\n", encoding="utf-8")
     prepare_dataset([str(small)], None, corpus / "tok", out, num_workers=1, shard_mb=0.25, val_fraction=0.0)
     index = read_index(out)
-    assert [s["path"] for s in index["splits"]["train"]["shards"]] == ["train/zh_00000.bin"]
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["zh_00000.bin", "zh_00000.docs.npy"]
-    assert sorted(p.name for p in (out / "done").iterdir()) == ["zh_00000.json"]
+    (shard,) = index["splits"]["train"]["shards"]
+    key = Path(shard["path"]).stem
+    assert key.startswith("zh_00000-") and key not in {Path(n).stem for n in before}  # new text, new name
+    assert sorted(p.name for p in (out / "train").iterdir()) == [f"{key}.bin", f"{key}.docs.npy"]
+    assert sorted(p.name for p in (out / "done").iterdir()) == [f"{key}.json"]
+    assert sorted(p.name for p in (out / "val").iterdir()) == [f"{key}.bin", f"{key}.docs.npy"]
 
 
 def test_token_dtype():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -80,29 +81,35 @@ class Tokenizer:
         progress: bool = True,
         max_bytes_per_file: int | None = None,
         on_invalid_utf8: str = "error",
+        encoding: str = "utf-8",
     ) -> "Tokenizer":
-        """Learn a byte-level BPE vocabulary from .txt / .jsonl / .parquet files (or dirs/globs)."""
+        """Learn a byte-level BPE vocabulary from .txt / .jsonl / .parquet files (or dirs/globs).
+
+        max_bytes_per_file: read at most this much text of each file (cutting inside a document
+        if need be). Documents reach the trainer in pieces of at most 64 KB (see data.sources), so
+        memory stays bounded however long a document is. Warns when the text supports fewer
+        tokens than `vocab_size`.
+        """
         from tokenizers import pre_tokenizers, trainers
 
-        from velocis.data.sources import expand_paths, iter_documents
+        from velocis.data.sources import check_read_options, expand_paths, iter_pieces
 
         if vocab_size < MIN_VOCAB_SIZE:
             raise VelocisError(
                 f"--vocab-size {vocab_size} is too small: a byte-level tokenizer needs at least "
                 f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
             )
+        if max_bytes_per_file is not None and max_bytes_per_file <= 0:
+            raise VelocisError(f"max_bytes_per_file / --sample-mb must be positive, not {max_bytes_per_file}")
+        encoding = check_read_options(on_invalid_utf8, encoding)
         paths = expand_paths([str(f) for f in files], "--input")
         if not paths:
             raise VelocisError("no input files: pass --input FILE [FILE ...]")
 
         def texts() -> Iterator[str]:
             for path in paths:
-                seen = 0
-                for doc in iter_documents(path, on_invalid_utf8):
-                    yield doc
-                    seen += len(doc.encode("utf-8"))
-                    if max_bytes_per_file and seen >= max_bytes_per_file:
-                        break
+                for piece, _ in iter_pieces(path, on_invalid_utf8, encoding, max_bytes=max_bytes_per_file):
+                    yield piece
 
         tok = _build_empty()
         trainer = trainers.BpeTrainer(
@@ -113,11 +120,21 @@ class Tokenizer:
             show_progress=progress,
         )
         tok.train_from_iterator(texts(), trainer=trainer)
+        got = tok.get_vocab_size(with_added_tokens=True)
+        if got < vocab_size:  # BPE stops when no pair of tokens is left that occurs min_frequency times
+            warnings.warn(f"the text only supports {got} tokens, not the {vocab_size} asked for: no pair of tokens is "
+                          f"left that occurs min_frequency={min_frequency} times; give more text or a smaller "
+                          f"vocab_size / --vocab-size", UserWarning, stacklevel=2)
         return cls(tok)
 
     # -- files ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
+        """Load a dir holding tokenizer.json, or the file itself.
+
+        A prepared data dir (it holds index.json) is checked: its tokenizer must be the one its
+        token shards were made with (`velocis.data.check_tokenizer_matches`).
+        """
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -135,7 +152,10 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 config = {}
-        return cls(hf, config)
+        tok = cls(hf, config)
+        if path.is_dir() and (path / "index.json").is_file():
+            check_tokenizer_matches(path, tok)
+        return tok
 
     def save(self, out_dir: str | Path) -> Path:
         """Write tokenizer.json + the two small files `transformers.AutoTokenizer` looks for."""
@@ -206,3 +226,49 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+# --- a prepared data dir was tokenized by one tokenizer: check it wherever data is loaded ---------
+def tokenizer_file_hash(tokenizer_file: Path) -> str | None:
+    """Tokenizer.hash() of a tokenizer.json file; None when it is not a valid one."""
+    try:
+        return Tokenizer.load(tokenizer_file).hash()  # the file, not its dir: no index check
+    except VelocisError:
+        return None
+
+
+_copy_hashes: dict[tuple, str | None] = {}  # (path, size, mtime) -> hash: PackedLoaders load the copy once
+
+
+def check_tokenizer_matches(data_dir: str | Path, tokenizer=None) -> None:
+    """Raise VelocisError unless `tokenizer` is the one `data_dir`'s token shards were made with.
+
+    tokenizer: a velocis Tokenizer; None checks the data dir's own copy (tokenizer.json).
+    A dir whose index.json records no tokenizer hash passes.
+    """
+    data_dir = Path(data_dir)
+    try:
+        expected = json.loads((data_dir / "index.json").read_text(encoding="utf-8")).get("tokenizer_hash")
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if not expected:
+        return
+    if tokenizer is not None:
+        actual = tokenizer.hash()
+    else:
+        copy = data_dir / "tokenizer.json"
+        try:
+            st = copy.stat()
+        except FileNotFoundError:
+            return
+        key = (str(copy.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _copy_hashes:
+            _copy_hashes[key] = tokenizer_file_hash(copy)
+        actual = _copy_hashes[key]
+    if actual != expected:
+        which = "this tokenizer" if tokenizer is not None else f"its tokenizer.json (replaced since)"
+        raise VelocisError(
+            f"{data_dir}: its token shards were made with tokenizer {expected[:12]}, not with {which} "
+            f"({(actual or 'invalid')[:12]}); use the tokenizer they were made with, or prepare the data again "
+            f"(velocis data prepare --tokenizer DIR --output {data_dir} --overwrite)"
+        )

@@ -12,8 +12,11 @@ with a held-out validation split, for `velocis train --data DIR`.
 
 Inputs: .txt (documents separated by blank lines), .jsonl (a "text" field per line),
 .parquet (a "text" column), or directories / globs of them. Either language may be left out.
-Each document ends with an end-of-text token. Re-running resumes: finished shards are kept,
-and a finished preparation returns at once.
+Each document ends with an end-of-text token; documents over 64 KB are tokenized in pieces,
+so memory stays bounded. Re-running resumes: finished shards are kept, and a finished
+preparation returns at once. A run that fails leaves a previous dataset in --output as it was;
+--output is locked while a run writes it. An --output made with another tokenizer (another
+dataset, or a tokenizer dir) is refused unless --overwrite.
 
 --mix is the fraction of Chinese among the tokens of each split. Without it every document
 is used, whatever the proportion. With it, the language that exceeds its share is truncated
@@ -40,6 +43,10 @@ def register(sub) -> None:
     prep.add_argument("--shard-mb", type=float, default=8.0, help="text per shard in MB; bounds memory (default 8)")
     prep.add_argument("--on-invalid-utf8", choices=["error", "replace"], default="error",
                       help="stop at invalid UTF-8 (default) or replace it with U+FFFD")
+    prep.add_argument("--encoding", default="utf-8", metavar="NAME",
+                      help="encoding of the .txt/.jsonl input, e.g. gb18030 (default utf-8)")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace what --output holds even when it was made with another tokenizer")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=prepare)
 
@@ -59,7 +66,8 @@ def prepare(args) -> int:
     out = prepare_dataset(
         args.chinese_path, args.english_path, args.tokenizer, args.output, mix=args.mix,
         val_fraction=args.val_fraction, num_workers=args.num_workers, shard_mb=args.shard_mb,
-        on_invalid_utf8=args.on_invalid_utf8, progress=False if args.quiet else None,
+        on_invalid_utf8=args.on_invalid_utf8, encoding=args.encoding, overwrite=args.overwrite,
+        progress=False if args.quiet else None,
     )
     index = json.loads((Path(out) / "index.json").read_text(encoding="utf-8"))
     for split, info in index["splits"].items():

@@ -11,6 +11,8 @@ choices from the part registries.
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 from velocis.config import ModelConfig, get_preset
@@ -34,6 +36,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", help="a prepared data dir (velocis data prepare) instead of raw text")
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer to use with raw text (default: train one)")
     g.add_argument("--vocab-size", type=int, help="size of the tokenizer to train (default fits the preset)")
+    g.add_argument("--on-invalid-utf8", choices=["error", "replace"], default="error",
+                   help="raw text: stop at invalid UTF-8 (default) or replace it with U+FFFD")
+    g.add_argument("--encoding", default="utf-8", metavar="NAME",
+                   help="raw text: encoding of the .txt/.jsonl input, e.g. gb18030 (default utf-8)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="run directory (default runs/<preset>)")
     add_dataclass_arguments(g, TrainConfig)
@@ -127,8 +133,13 @@ def _run(args, preset: str, output_dir: Path) -> int:
         if not (data_dir / "index.json").is_file():
             raise VelocisError(f"--data {data_dir}: not a prepared data directory (no index.json)")
     else:
-        data_dir = prepare_run_data(output_dir, args.chinese_path, args.english_path,
-                                    vocab_size=args.vocab_size or d["vocab_size"], tokenizer_dir=args.tokenizer)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "the text only supports N tokens"
+            warnings.simplefilter("always", UserWarning)
+            data_dir = prepare_run_data(output_dir, args.chinese_path, args.english_path,
+                                        vocab_size=args.vocab_size or d["vocab_size"], tokenizer_dir=args.tokenizer,
+                                        on_invalid_utf8=args.on_invalid_utf8, encoding=args.encoding)
+        for w in caught:
+            print(f"velocis {args.command}: warning: {w.message}", file=sys.stderr)
     tokenizer = Tokenizer.load(data_dir)
     model_config = model_config_for(args, tokenizer)
     cfg = train_config_for(args, output_dir, data_dir, model_config)

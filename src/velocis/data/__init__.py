@@ -4,7 +4,8 @@ Names are imported on first use so that tokenizer worker processes never import 
 """
 from __future__ import annotations
 
-__all__ = ["PackedLoader", "prepare_dataset", "default_corpus", "iter_documents", "expand_paths"]
+__all__ = ["PackedLoader", "prepare_dataset", "check_tokenizer_matches", "default_corpus", "iter_documents",
+           "iter_pieces", "split_text", "expand_paths"]
 
 
 def __getattr__(name: str):
@@ -12,11 +13,15 @@ def __getattr__(name: str):
         from velocis.data.loader import PackedLoader
 
         return PackedLoader
-    if name == "prepare_dataset":
-        from velocis.data.prepare import prepare_dataset
+    if name == "check_tokenizer_matches":
+        from velocis.tokenizer import check_tokenizer_matches
 
-        return prepare_dataset
-    if name in ("iter_documents", "expand_paths"):
+        return check_tokenizer_matches
+    if name == "prepare_dataset":
+        from velocis.data import prepare
+
+        return getattr(prepare, name)
+    if name in ("iter_documents", "iter_pieces", "split_text", "expand_paths"):
         from velocis.data import sources
 
         return getattr(sources, name)

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from velocis.tokenizer import check_tokenizer_matches
 from velocis.errors import VelocisError
 
 
@@ -39,6 +40,8 @@ class PackedLoader:
         if not index_file.is_file():
             raise VelocisError(f"{self.data_dir}: not a prepared data directory (no index.json); run `velocis data prepare`")
         index = json.loads(index_file.read_text(encoding="utf-8"))
+        # the tokenizer copy must be the one the shards were made with (it is loaded once per process)
+        check_tokenizer_matches(self.data_dir)
         info = index["splits"][split]
         self.seq_len, self.batch_size, self.split = seq_len, batch_size, split
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -46,8 +46,14 @@ def prepare_run_data(
     vocab_size: int,
     tokenizer_dir: str | Path | None = None,
     progress: bool = True,
+    on_invalid_utf8: str = "error",
+    encoding: str = "utf-8",
 ) -> Path:
-    """Returns OUTPUT_DIR/data, (re)built only when the inputs changed."""
+    """Returns OUTPUT_DIR/data, (re)built only when the inputs changed.
+
+    on_invalid_utf8 ("error" | "replace") and encoding (of .txt/.jsonl input, e.g. "gb18030") are
+    passed to the tokenizer training and to `prepare_dataset`.
+    """
     from velocis.data import prepare_dataset
     from velocis.tokenizer import Tokenizer
 
@@ -60,6 +66,9 @@ def prepare_run_data(
     stamp_path = out / "data_source.json"
     stamp = {"chinese": _fingerprint(zh), "english": _fingerprint(en), "vocab_size": vocab_size,
              "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None}
+    # recorded only when not the defaults, so that run dirs made before these options keep their cache
+    if on_invalid_utf8 != "error" or encoding != "utf-8":
+        stamp.update(on_invalid_utf8=on_invalid_utf8, encoding=encoding)
     if (data_dir / "index.json").is_file() and stamp_path.is_file():
         try:
             if json.loads(stamp_path.read_text()) == stamp:
@@ -68,10 +77,13 @@ def prepare_run_data(
             pass
 
     if tokenizer_dir is None:
-        tok = Tokenizer.train([str(f) for f in zh + en], vocab_size=vocab_size, progress=progress)
+        tok = Tokenizer.train([str(f) for f in zh + en], vocab_size=vocab_size, progress=progress,
+                              on_invalid_utf8=on_invalid_utf8, encoding=encoding)
         tokenizer_dir = out / "tokenizer"
         tok.save(tokenizer_dir)
-    prepare_dataset([str(f) for f in zh], [str(f) for f in en], tokenizer_dir, data_dir)
+    # RUN/data is derived from the inputs above: when they changed (another tokenizer), replace it
+    prepare_dataset([str(f) for f in zh], [str(f) for f in en], tokenizer_dir, data_dir,
+                    on_invalid_utf8=on_invalid_utf8, encoding=encoding, overwrite=True)
     from velocis.utils.atomic import atomic_write_text
 
     atomic_write_text(stamp_path, json.dumps(stamp, indent=2) + "\n")
