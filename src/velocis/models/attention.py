@@ -13,7 +13,7 @@ from torch import nn
 
 from velocis.kernels.gemm import Linear
 from velocis.models.attend import attend
-from velocis.models.cache import LayerCache, write_slots
+from velocis.models.cache import LayerCache
 from velocis.models.layers import RMSNorm
 from velocis.models.mixer import Mixer
 from velocis.models.positions import Positions
@@ -29,6 +29,7 @@ class KVCache(LayerCache):
     """
 
     kind = "kv"
+    slot_dims = {"k": 2, "v": 2}
 
     def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, v_head_dim: int | None = None,
                  device=None, dtype=torch.float32):
@@ -38,11 +39,12 @@ class KVCache(LayerCache):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(vshape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, kv_heads, T, d] at positions ids ([T] or [B, T]); return the whole cache."""
-        write_slots(self.k, 2, ids, k)
-        write_slots(self.v, 2, ids, v)
-        return self.k, self.v
+    @staticmethod
+    def update(cache: LayerCache, pos: Positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, kv_heads, T, d] at the chunk's positions; return the filled slots of every row."""
+        cache.write("k", pos.ids, k)
+        cache.write("v", pos.ids, v)
+        return cache.read("k", pos.kv_len), cache.read("v", pos.kv_len)
 
 
 @register_mixer("attention")
@@ -94,6 +96,6 @@ class Attention(Mixer):
         cos, sin = self.rotary(pos.ids, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(pos.ids, k, v)
+            k, v = KVCache.update(cache, pos, k, v)
         y = attend(q, k, v, pos, cached=cache is not None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -36,13 +36,28 @@ def write_slots(buf: torch.Tensor, dim: int, ids: torch.Tensor, values: torch.Te
 
 
 class LayerCache(nn.Module):
-    """Base of a layer's cache: buffers preallocated for `max_len` slots (or a fixed state)."""
+    """Base of a layer's cache: buffers preallocated for `max_len` slots (or a fixed state).
+
+    Per-token buffers are [batch, ..., slot, ...] with the slot dimension named in `slot_dims`; a
+    mixer writes and reads them through `write` / `read`, so the same mixer code runs over this
+    static layout or over the inference engine's paged blocks (infer/paged.py), which override both.
+    """
 
     kind = "kv"
+    slot_dims: dict[str, int] = {}  # buffer name -> its slot (position) dimension
 
     def __init__(self, max_len: int):
         super().__init__()
         self.max_len = max_len
+
+    def write(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Store values [B, ..., T, ...] at positions ids ([T] or [B, T]) of buffer `name`."""
+        write_slots(getattr(self, name), self.slot_dims[name], ids, values)
+
+    def read(self, name: str, length: int | None = None) -> torch.Tensor:
+        """Buffer `name` for every row, its first `length` slots (all by default)."""
+        buf = getattr(self, name)
+        return buf if length is None else buf.narrow(self.slot_dims[name], 0, length)
 
     def reset(self, rows: torch.Tensor) -> None:
         """Per-token caches need nothing (lengths mask stale slots); a state cache zeroes its rows."""

@@ -39,7 +39,7 @@ from torch import nn
 from velocis.errors import VelocisError
 from velocis.kernels.gemm import Linear
 from velocis.models.attend import attend
-from velocis.models.cache import LayerCache, write_slots
+from velocis.models.cache import LayerCache
 from velocis.models.dsa import Indexer, indexer_kl_loss
 from velocis.models.layers import RMSNorm
 from velocis.models.mixer import Mixer
@@ -71,6 +71,7 @@ class MLACache(LayerCache):
     (latent after its norm, rotary key after RoPE); with DSA also index_k [B, max_len, index_head_dim]."""
 
     kind = "latent"
+    slot_dims = {"kv": 1, "index_k": 1}
 
     def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int, index_dim: int = 0,
                  device=None, dtype=torch.float32):
@@ -81,10 +82,11 @@ class MLACache(LayerCache):
         self.register_buffer("index_k", torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
                              if index_dim else None, persistent=False)
 
-    def update(self, ids: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Write latent [B, T, r] and k_pe [B, T, rope] at positions ids ([T] or [B, T]); return the kv buffer."""
-        write_slots(self.kv, 1, ids, torch.cat([latent, k_pe], dim=-1))
-        return self.kv
+    @staticmethod
+    def update(cache: LayerCache, pos: Positions, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Write latent [B, T, r] and k_pe [B, T, rope] at the chunk's positions; return the filled slots."""
+        cache.write("kv", pos.ids, torch.cat([latent, k_pe], dim=-1))
+        return cache.read("kv", pos.kv_len)
 
 
 @register_mixer("mla")
@@ -221,13 +223,13 @@ class MLA(Mixer):
         temporarily; the cache itself always stays compressed."""
         B, T, _ = latent.shape
         H, r = self.num_heads, self.kv_lora_rank
-        kv = cache.update(pos.ids, latent, k_pe)[:, :pos.kv_len]  # [B, L, r + rope], the filled slots
+        kv = MLACache.update(cache, pos, latent, k_pe)  # [B, L, r + rope], the filled slots
         keep = None
         if self.indexer is not None:
-            write_slots(cache.index_k, 1, pos.ids, self.indexer.keys(x, *rope))
+            cache.write("index_k", pos.ids, self.indexer.keys(x, *rope))
             if pos.kv_len > self.indexer.topk:  # some query sees more than top-k tokens
                 visible = torch.arange(pos.kv_len, device=x.device) <= pos.ids[..., None]  # [T, L] or [B, T, L]
-                keep = self.indexer.select(x, q_lat, cache.index_k[:, :pos.kv_len], visible, rope)  # [B, T, L]
+                keep = self.indexer.select(x, q_lat, cache.read("index_k", pos.kv_len), visible, rope)  # [B, T, L]
         if T >= self.expand_min_tokens:
             kv = kv.to(q_nope.dtype)
             k, v = self._expand_kv(kv[..., :r], kv[..., r:])

@@ -1,0 +1,369 @@
+"""The inference engine: requests arrive at any time and share one running batch.
+
+    engine = Engine(model, tokenizer, max_num_seqs=16)
+    rid = engine.add_request("从前", SamplingParams(temperature=0, max_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step():        # one scheduler iteration
+            print(out.request_id, out.delta, out.finished)
+    results = engine.generate(["prompt one", "prompt two"], params)   # offline: all of them to the end
+
+Memory is a paged KV cache (infer/paged.py): fixed-size blocks, a block table per sequence, a
+budget in bytes or as a fraction of free memory. Each step the scheduler
+  1. decodes every running sequence whose prompt is in the cache: one batched forward, one new
+     token each, each row at its own position (continuous batching: sequences join and leave
+     between steps);
+  2. spends a token budget on prompt chunks (chunked prefill): waiting requests are admitted in
+     arrival order while there are sequence slots, and a long prompt is computed over several steps;
+  3. when a block cannot be had, preempts the newest running sequence: its blocks are freed and it
+     goes back to the front of the queue, to be recomputed later (nothing is lost).
+Identical prompt prefixes share refcounted blocks (prefix caching, LRU eviction). Sampling is per
+request (infer/sampling.py): parameters, seeds and stop conditions belong to the request, never to
+its batch company, so greedy outputs equal each request run alone.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from velocis.errors import VelocisError
+from velocis.infer.generate import StreamDecoder
+from velocis.infer.paged import BlockAllocator, PagedCache, block_hashes, blocks_for_budget
+from velocis.infer.sampling import PenaltyState, SamplingParams, check_stop, make_generator, safe_stream_len, \
+    sample_batch, stack_penalty_states
+
+
+@dataclass
+class Output:
+    """What one step produced for one sequence (sample `index` of request `request_id`)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]  # new tokens this step
+    delta: str  # new text, safe to print (held back while it may be the start of a stop string)
+    text: str  # all text so far
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per new token: (logprob, top-N)
+    prompt_tokens: int = 0
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    index: int
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    stop_ids: set[int]
+    generator: torch.Generator | None
+    decoder: StreamDecoder | None
+    penalties: PenaltyState | None
+    arrival: float
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    registered: int = 0  # full blocks entered into the prefix cache
+    text: str = ""
+    streamed: int = 0  # characters of text already returned as deltas
+    finish_reason: str | None = None
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to compute before decoding: the whole prompt, or, after a preemption, everything but
+        the last sampled token (the next decode step feeds it)."""
+        return len(self.tokens) - 1 if self.num_output else len(self.tokens)
+
+    @property
+    def decoding(self) -> bool:
+        return self.num_output > 0 and self.num_computed == len(self.tokens) - 1
+
+
+def _budget_bytes(kv_cache_memory, device: torch.device) -> int:
+    if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)) or kv_cache_memory <= 0:
+        raise VelocisError(f"kv_cache_memory (--kv-cache-memory) must be bytes (an integer) or a fraction of free "
+                           f"memory in (0, 1], got {kv_cache_memory!r}")
+    if isinstance(kv_cache_memory, float):
+        if kv_cache_memory > 1:
+            raise VelocisError(f"kv_cache_memory {kv_cache_memory} is a fraction of free memory: give it in (0, 1]")
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        return int(free * kv_cache_memory)
+    return int(kv_cache_memory)
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, block_size: int = 16,
+                 kv_cache_memory: int | float = 0.25, max_prefill_tokens: int = 512, prefix_caching: bool = True):
+        for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
+                        ("max_prefill_tokens", max_prefill_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise VelocisError(f"{name} must be a positive integer, got {v!r}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_num_seqs, self.block_size = max_num_seqs, block_size
+        self.max_prefill_tokens, self.prefix_caching = max_prefill_tokens, prefix_caching
+        self.context = model.config.max_seq_len
+        dtype_bytes = model.dtype.itemsize
+        # never more blocks than every slot filled to the full context can use (+ the scratch block)
+        most = max_num_seqs * math.ceil(self.context / block_size) + 1
+        num_blocks = min(most, blocks_for_budget(model, _budget_bytes(kv_cache_memory, model.device), block_size,
+                                                 dtype_bytes))
+        self.allocator = BlockAllocator(num_blocks)
+        self.cache = PagedCache(model, num_blocks, block_size)
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+        if self.eos is None:
+            self.eos = model.config.eos_token_id
+        self._ids = itertools.count()
+        self.counters = {"requests": 0, "finished": 0, "preempted": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                         "aborted": 0}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (text or token ids); returns its id. n > 1 queues n sequences."""
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        limit = self.context - 1
+        if len(ids) > limit:
+            raise VelocisError(f"the prompt is {len(ids)} tokens but the model's context is {self.context}: "
+                               f"shorten it to at most {limit} tokens")
+        need = math.ceil((len(ids) + 1) / self.block_size)
+        if need > self.allocator.num_blocks - 1:
+            raise VelocisError(f"the prompt needs {need} KV-cache blocks but the cache has "
+                               f"{self.allocator.num_blocks - 1}; give the engine more memory (kv_cache_memory)")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        for i in range(params.n):
+            self.waiting.append(_Seq(
+                rid, i, list(ids), len(ids), params, params.stop_ids(self.eos),
+                make_generator(params, self.model.device, i),
+                StreamDecoder(self.tokenizer) if self.tokenizer is not None else None,
+                PenaltyState(ids, self.model.config.vocab_size, self.model.device) if params.uses_penalties else None,
+                time.perf_counter()))
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(ids)
+        return rid
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise VelocisError("this engine has no tokenizer: give prompts as token ids")
+            ids = self.tokenizer.encode(prompt)
+            start = self.model.config.prompt_start_token_id
+            if start is not None and ids[:1] != [start]:
+                ids = [start] + ids
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise VelocisError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise VelocisError("the prompt is empty; give at least one token")
+        if max(ids) >= self.model.config.vocab_size or min(ids) < 0:
+            raise VelocisError(f"the prompt has token id {max(ids)} but the model's vocabulary has "
+                               f"{self.model.config.vocab_size} ids")
+        return ids
+
+    def abort(self, request_id: str) -> list[Output]:
+        """Stop a request now (a client went away): its blocks are freed at once."""
+        outs = []
+        for seq in [s for s in list(self.waiting) + self.running if s.request_id == request_id]:
+            seq.finish_reason = "abort"
+            outs.append(self._finish(seq, []))
+        self.counters["aborted"] += bool(outs)
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ memory
+    def _blocks_for(self, seq: _Seq, upto: int) -> bool:
+        """Make sure seq has blocks for positions < upto (allocating, evicting cached blocks)."""
+        while len(seq.blocks) * self.block_size < upto:
+            block = self.allocator.allocate()
+            if block is None:
+                return False
+            seq.blocks.append(block)
+        return True
+
+    def _free(self, seq: _Seq) -> None:
+        for b in seq.blocks:
+            self.allocator.release(b)
+        seq.blocks, seq.num_computed, seq.registered = [], 0, 0
+
+    def _preempt(self) -> _Seq:
+        """Free the newest running sequence's blocks; it is recomputed later, from the queue's front."""
+        victim = max(self.running, key=lambda s: s.arrival)
+        self.running.remove(victim)
+        self._free(victim)
+        self.waiting.appendleft(victim)
+        self.counters["preempted"] += 1
+        return victim
+
+    def _reuse_prefix(self, seq: _Seq) -> None:
+        """Start a new sequence on the cached blocks of its prompt's longest cached prefix (never the
+        whole prompt: the last prompt token is computed, for its logits)."""
+        if not self.prefix_caching:
+            return
+        usable = (seq.prefill_target - 1) // self.block_size
+        for h in block_hashes(seq.tokens[:usable * self.block_size], self.block_size):
+            block = self.allocator.lookup(h)
+            if block is None:
+                break
+            seq.blocks.append(block)
+        seq.num_computed, seq.registered = len(seq.blocks) * self.block_size, len(seq.blocks)
+
+    def _register_full_blocks(self, seq: _Seq) -> None:
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed // self.block_size
+        if full > seq.registered:
+            hashes = block_hashes(seq.tokens[:full * self.block_size], self.block_size)
+            for j in range(seq.registered, full):
+                self.allocator.register(seq.blocks[j], hashes[j])
+            seq.registered = full
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """One scheduler iteration: a batched decode of the running sequences, then prompt chunks."""
+        outputs: list[Output] = []
+        decode = [s for s in self.running if s.decoding]
+        for seq in sorted(decode, key=lambda s: s.arrival):  # oldest first: preemption takes the newest
+            while seq in self.running and not self._blocks_for(seq, seq.num_computed + 1):
+                if self._preempt() is seq:
+                    break
+        decode = [s for s in decode if s in self.running]
+        if decode:
+            outputs += self._forward(decode, [s.tokens[-1:] for s in decode])
+        budget = self.max_prefill_tokens
+        while budget > 0:
+            seq = self._next_prefill()
+            if seq is None:
+                break
+            chunk = min(budget, seq.prefill_target - seq.num_computed)
+            if not self._blocks_for(seq, seq.num_computed + chunk):
+                if len(self.running) == 1 or self._preempt() is seq:
+                    break
+                continue
+            budget -= chunk
+            outputs += self._forward([seq], [seq.tokens[seq.num_computed:seq.num_computed + chunk]])
+        return outputs
+
+    def _next_prefill(self) -> _Seq | None:
+        """A running sequence with prompt left to compute, else the next waiting one if a slot is free."""
+        for seq in self.running:
+            if seq.num_computed < seq.prefill_target:
+                return seq
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            self._reuse_prefix(seq)
+            return seq
+        return None
+
+    def _forward(self, seqs: list[_Seq], chunks: list[list[int]]) -> list[Output]:
+        T = max(len(c) for c in chunks)
+        pad = chunks[0][0]
+        ids = torch.tensor([c + [pad] * (T - len(c)) for c in chunks], device=self.model.device)
+        start = torch.tensor([s.num_computed for s in seqs], device=self.model.device)
+        positions = start[:, None] + torch.arange(T, device=self.model.device)
+        self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.model.device)
+        logits = self.model(ids, cache=self.cache, positions=positions, logits_at=last)[:, -1]
+        for s, c in zip(seqs, chunks):
+            s.num_computed += len(c)
+            self._register_full_blocks(s)
+        # sample where the chunk ended at the sequence's last token (a recomputed, preempted sequence
+        # stops one short: its last token was sampled already, and the next decode step feeds it)
+        ready = [i for i, s in enumerate(seqs) if s.num_computed == len(s.tokens)]
+        if not ready:
+            return []
+        return self._sample([seqs[i] for i in ready], logits[ready])
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Output]:
+        history = None
+        if any(s.penalties is not None for s in seqs):
+            history = stack_penalty_states([s.penalties for s in seqs], logits.shape[-1], logits.device)
+        result = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs], history=history)
+        outputs = []
+        for i, (seq, tok) in enumerate(zip(seqs, result.token_ids.tolist())):
+            lp = None
+            if result.logprobs is not None and seq.params.logprobs is not None:
+                lp = [(float(result.logprobs[i]), result.top_logprobs[i])]
+            outputs.append(self._append(seq, tok, lp))
+        return outputs
+
+    def _append(self, seq: _Seq, token: int, logprobs) -> Output:
+        """Add a sampled token; finish the sequence on a stop token, a stop string or its length."""
+        self.counters["generated_tokens"] += 1
+        if token in seq.stop_ids:  # the stop token ends the text; it is not part of it
+            seq.finish_reason = "stop"
+            return self._finish(seq, [], logprobs)
+        seq.tokens.append(token)
+        if seq.penalties is not None:
+            seq.penalties.append(token)
+        if seq.decoder is not None:
+            stopped, seq.text = check_stop(seq.text, seq.decoder.push(token), seq.params.stop)
+            if stopped:
+                seq.finish_reason = "stop"
+                return self._finish(seq, [token], logprobs)
+        if (seq.params.max_tokens is not None and seq.num_output >= seq.params.max_tokens) \
+                or len(seq.tokens) >= self.context:
+            seq.finish_reason = "length"
+            return self._finish(seq, [token], logprobs)
+        ready = safe_stream_len(seq.text, seq.params.stop)
+        delta, seq.streamed = seq.text[seq.streamed:ready], max(seq.streamed, ready)
+        return Output(seq.request_id, seq.index, [token], delta, seq.text, logprobs=logprobs,
+                      prompt_tokens=seq.prompt_len)
+
+    def _finish(self, seq: _Seq, tokens: list[int], logprobs=None) -> Output:
+        if seq.decoder is not None and seq.finish_reason != "stop":
+            seq.text += seq.decoder.flush()
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+        self.counters["finished"] += 1
+        delta = seq.text[seq.streamed:]
+        seq.streamed = len(seq.text)
+        return Output(seq.request_id, seq.index, tokens, delta, seq.text, True, seq.finish_reason, logprobs,
+                      seq.prompt_len)
+
+    # ------------------------------------------------------------------ offline use and metrics
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
+        """Run every prompt to the end; returns, per prompt in order, {"text", "token_ids",
+        "finish_reason"} (lists of those for n > 1)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[str, dict[int, dict]] = {rid: {} for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                r = results[out.request_id].setdefault(out.index, {"text": "", "token_ids": [], "finish_reason": None})
+                r["token_ids"] += out.token_ids
+                r["text"] = out.text
+                r["finish_reason"] = out.finish_reason
+        out = []
+        for rid in ids:
+            samples = [results[rid][i] for i in sorted(results[rid])]
+            out.append(samples[0] if len(samples) == 1 else samples)
+        return out
+
+    def stats(self) -> dict:
+        used = self.allocator.num_blocks - 1 - self.allocator.num_free
+        q = self.allocator.queries
+        return {"running": len(self.running), "waiting": len(self.waiting), "kv_blocks_used": used,
+                "kv_blocks_free": self.allocator.num_free, "kv_blocks_total": self.allocator.num_blocks - 1,
+                "prefix_cache_hit_rate": self.allocator.hits / q if q else 0.0, **self.counters}
