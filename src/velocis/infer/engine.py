@@ -19,6 +19,13 @@ budget in bytes or as a fraction of free memory. Each step the scheduler
 Identical prompt prefixes share refcounted blocks (prefix caching, LRU eviction). Sampling is per
 request (infer/sampling.py): parameters, seeds and stop conditions belong to the request, never to
 its batch company, so greedy outputs equal each request run alone.
+
+Speculative decoding (draft_model=...): a small model with the same vocabulary drafts k tokens
+per running sequence, the target verifies them in one forward of k+1 positions, and the
+acceptance rule of infer/speculative.py keeps the target's distribution exactly (greedy: the same
+tokens as without a draft). The draft's KV lives in pools of its own indexed by the same block
+tables; a rejected draft's slots are simply past the sequence's length (rollback is free).
+Requests with penalties or logprobs decode without drafts. Prefix caching is off while drafting.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ import torch
 from velocis.errors import VelocisError
 from velocis.infer.generate import StreamDecoder
 from velocis.infer.paged import BlockAllocator, PagedCache, block_hashes, blocks_for_budget
-from velocis.infer.sampling import PenaltyState, SamplingParams, check_stop, make_generator, safe_stream_len, \
-    sample_batch, stack_penalty_states
+from velocis.infer.sampling import PenaltyState, SamplingParams, apply_warpers, check_stop, make_generator, \
+    safe_stream_len, sample_batch, stack_penalty_states
+from velocis.infer.speculative import accept
 
 
 @dataclass
@@ -66,6 +74,7 @@ class _Seq:
     arrival: float
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
+    draft_computed: int = 0  # tokens whose KV is in the draft model's pools
     registered: int = 0  # full blocks entered into the prefix cache
     text: str = ""
     streamed: int = 0  # characters of text already returned as deltas
@@ -105,7 +114,8 @@ def _budget_bytes(kv_cache_memory, device: torch.device) -> int:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, block_size: int = 16,
-                 kv_cache_memory: int | float = 0.25, max_prefill_tokens: int = 512, prefix_caching: bool = True):
+                 kv_cache_memory: int | float = 0.25, max_prefill_tokens: int = 512, prefix_caching: bool = True,
+                 draft_model=None, num_speculative_tokens: int = 4):
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -117,10 +127,24 @@ class Engine:
         dtype_bytes = model.dtype.itemsize
         # never more blocks than every slot filled to the full context can use (+ the scratch block)
         most = max_num_seqs * math.ceil(self.context / block_size) + 1
-        num_blocks = min(most, blocks_for_budget(model, _budget_bytes(kv_cache_memory, model.device), block_size,
-                                                 dtype_bytes))
+        budget = _budget_bytes(kv_cache_memory, model.device)
+        if draft_model is not None:  # the draft's pools take their share of the budget
+            budget = budget * model.cache_bytes(dtype_bytes)[0] // (
+                model.cache_bytes(dtype_bytes)[0] + draft_model.cache_bytes(draft_model.dtype.itemsize)[0])
+        num_blocks = min(most, blocks_for_budget(model, budget, block_size, dtype_bytes))
         self.allocator = BlockAllocator(num_blocks)
         self.cache = PagedCache(model, num_blocks, block_size)
+        self.draft, self.draft_cache, self.k = None, None, num_speculative_tokens
+        if draft_model is not None:
+            if draft_model.config.vocab_size != model.config.vocab_size:
+                raise VelocisError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) is not the "
+                                   f"target's ({model.config.vocab_size}); a draft must share the tokenizer")
+            if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
+                    or num_speculative_tokens < 1:
+                raise VelocisError(f"num_speculative_tokens must be a positive integer, got {num_speculative_tokens!r}")
+            self.draft = draft_model.eval()
+            self.draft_cache = PagedCache(draft_model, num_blocks, block_size)
+            self.prefix_caching = False
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
@@ -128,7 +152,7 @@ class Engine:
             self.eos = model.config.eos_token_id
         self._ids = itertools.count()
         self.counters = {"requests": 0, "finished": 0, "preempted": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                         "aborted": 0}
+                         "aborted": 0, "draft_tokens": 0, "accepted_tokens": 0}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -200,7 +224,7 @@ class Engine:
     def _free(self, seq: _Seq) -> None:
         for b in seq.blocks:
             self.allocator.release(b)
-        seq.blocks, seq.num_computed, seq.registered = [], 0, 0
+        seq.blocks, seq.num_computed, seq.registered, seq.draft_computed = [], 0, 0, 0
 
     def _preempt(self) -> _Seq:
         """Free the newest running sequence's blocks; it is recomputed later, from the queue's front."""
@@ -245,8 +269,12 @@ class Engine:
                 if self._preempt() is seq:
                     break
         decode = [s for s in decode if s in self.running]
-        if decode:
-            outputs += self._forward(decode, [s.tokens[-1:] for s in decode])
+        drafted = [s for s in decode if self._drafts(s)]
+        plain = [s for s in decode if s not in drafted]
+        if drafted:
+            outputs += self._speculate(drafted)
+        if plain:
+            outputs += self._forward(plain, [s.tokens[-1:] for s in plain])
         budget = self.max_prefill_tokens
         while budget > 0:
             seq = self._next_prefill()
@@ -259,6 +287,63 @@ class Engine:
                 continue
             budget -= chunk
             outputs += self._forward([seq], [seq.tokens[seq.num_computed:seq.num_computed + chunk]])
+        return outputs
+
+    def _drafts(self, seq: _Seq) -> bool:
+        """Does this sequence decode with drafts this step (blocks for the k+1 verified positions)?"""
+        if self.draft is None or seq.penalties is not None or seq.params.logprobs is not None:
+            return False
+        room = self.context - len(seq.tokens)
+        return room > self.k and self._blocks_for(seq, seq.num_computed + self.k + 1)
+
+    def _speculate(self, seqs: list[_Seq]) -> list[Output]:
+        """k draft tokens per sequence, one target forward to verify them, the acceptance rule."""
+        dev, k = self.model.device, self.k
+        params = [s.params for s in seqs]
+        # the draft catches up on the tokens it has not seen (right-padded; padding lands past the rows)
+        chunks = [s.tokens[s.draft_computed:] for s in seqs]
+        width = max(map(len, chunks))
+        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=dev)
+        positions = torch.tensor([s.draft_computed for s in seqs], device=dev)[:, None] + torch.arange(width, device=dev)
+        self.draft_cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
+        logits = self.draft(ids, cache=self.draft_cache, positions=positions, logits_at=last)[:, -1]
+        drafts, qs = [], []
+        for j in range(k):
+            q = apply_warpers(logits, params).softmax(-1)
+            d = torch.stack([torch.multinomial(q[b], 1, generator=s.generator)[0] if not s.params.greedy
+                             else q[b].argmax() for b, s in enumerate(seqs)])
+            drafts.append(d)
+            qs.append(q)
+            if j < k - 1:
+                pos = torch.tensor([len(s.tokens) + j for s in seqs], device=dev)[:, None]
+                self.draft_cache.bind([s.blocks for s in seqs], int(pos.max()) + 1)
+                logits = self.draft(d[:, None], cache=self.draft_cache, positions=pos)[:, -1]
+        drafts_t = torch.stack(drafts, 1)  # [B, k]
+        # the target scores the last token and the k drafts in one forward
+        ids = torch.cat([torch.tensor([s.tokens[-1] for s in seqs], device=dev)[:, None], drafts_t], 1)
+        positions = torch.tensor([s.num_computed for s in seqs], device=dev)[:, None] + torch.arange(k + 1, device=dev)
+        self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
+        target = self.model(ids, cache=self.cache, positions=positions)  # [B, k+1, V]
+        outputs = []
+        for b, seq in enumerate(seqs):
+            p = apply_warpers(target[b], [seq.params] * (k + 1)).softmax(-1)
+            q = torch.stack([qs[j][b] for j in range(k)])
+            tokens = accept(p, q, drafts_t[b].tolist(), seq.params.greedy, seq.generator)
+            L = len(seq.tokens)
+            self.counters["draft_tokens"] += k
+            self.counters["accepted_tokens"] += len(tokens) - 1
+            seq.num_computed = L + len(tokens) - 1  # the last token and the accepted drafts are cached
+            seq.draft_computed = min(L + k - 1, L + len(tokens) - 1)
+            out = None
+            for t in tokens:
+                o = self._append(seq, t, None)
+                out = o if out is None else Output(o.request_id, o.index, out.token_ids + o.token_ids,
+                                                   out.delta + o.delta, o.text, o.finished, o.finish_reason,
+                                                   None, o.prompt_tokens)
+                if o.finished:
+                    break
+            outputs.append(out)
         return outputs
 
     def _next_prefill(self) -> _Seq | None:
@@ -364,6 +449,7 @@ class Engine:
     def stats(self) -> dict:
         used = self.allocator.num_blocks - 1 - self.allocator.num_free
         q = self.allocator.queries
-        return {"running": len(self.running), "waiting": len(self.waiting), "kv_blocks_used": used,
+        drafted = self.counters["draft_tokens"]
+        return {"draft_acceptance_rate": self.counters["accepted_tokens"] / drafted if drafted else 0.0,"running": len(self.running), "waiting": len(self.waiting), "kv_blocks_used": used,
                 "kv_blocks_free": self.allocator.num_free, "kv_blocks_total": self.allocator.num_blocks - 1,
                 "prefix_cache_hit_rate": self.allocator.hits / q if q else 0.0, **self.counters}

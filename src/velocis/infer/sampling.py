@@ -18,14 +18,19 @@ Order of operations (vLLM's), each step a no-op for a row that does not ask for 
 4. min_p: drop tokens whose probability is below min_p x the top token's probability.
 5. top_k: keep the k largest logits (ties with the k-th are kept, as HF and vLLM); 0, -1 or None = off.
 6. top_p: keep the smallest set of most probable tokens whose mass reaches top_p (computed on what
-   top_k and min_p left, renormalised), always at least one token.
+   top_k and min_p left, renormalised), always at least one token. Equally likely tokens at the
+   boundary are taken in a stable sort's order (the lower id is dropped first), so a row's mask
+   never depends on its batch.
 7. Draw: the exponential race, argmax(probs / E) with E ~ Exponential(1), which picks token j with
    probability probs[j]. A seeded row draws its E from its own `torch.Generator`, so its samples
    depend only on its seed and its own logits: not on which requests share the batch, nor where.
    Unseeded rows share the global RNG.
 
-The masks of steps 3-6 equal transformers' TemperatureLogitsWarper, MinPLogitsWarper,
-TopKLogitsWarper and TopPLogitsWarper applied in that order (tests/test_sampling.py checks it).
+Steps 1 (repetition) and 3-6 give the same values and -inf masks as transformers'
+RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, MinPLogitsWarper, TopKLogitsWarper and
+TopPLogitsWarper applied in this order (tests/test_sampling.py checks it). transformers' generate()
+applies min_p last, after top_p; vLLM's order (min_p before top_k / top_p) is followed here. The
+two differ only when min_p and top_p are combined.
 
 Logprobs are those of the raw model distribution, log_softmax of the logits before penalties and
 temperature: vLLM's default (`logprobs_mode="raw_logprobs"`), so they score the model, not the
@@ -119,7 +124,8 @@ class SamplingParams:
             raise VelocisError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise VelocisError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}")
+            raise VelocisError("stop_token_ids must be a list of token ids (integers >= 0), "
+                               f"got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise VelocisError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         _check_number("n", self.n, integer=True)
@@ -195,10 +201,13 @@ class PenaltyState:
         if len(prompt_tokens):
             self.prompt_mask[torch.as_tensor(list(prompt_tokens), dtype=torch.long, device=device)] = True
         self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+        self._one = torch.ones(1, dtype=torch.int32, device=device)
 
     def append(self, token_id: int | torch.Tensor) -> None:
-        """Count one generated token (an int, or a 0-d tensor: stays on the device, no sync)."""
-        self.output_counts[token_id] += 1
+        """Count one generated token: an int, or a 0-d tensor on the device (index_add_, not
+        counts[t] += 1, which would copy the tensor index to the host: a sync per row)."""
+        index = torch.as_tensor(token_id, dtype=torch.long, device=self.output_counts.device).view(1)
+        self.output_counts.index_add_(0, index, self._one)
 
 
 def stack_penalty_states(states: Sequence[PenaltyState | None], vocab_size: int,
@@ -237,7 +246,7 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     """Temperature, min_p, top_k, top_p with per-row values; dropped tokens become -inf. Greedy
     rows are returned unchanged (they take the argmax and never see these)."""
     logits = logits.float()
-    B, V = logits.shape
+    V = logits.size(-1)
     rows = [(p, p.greedy) for p in params]
     logits = logits / _column([1.0 if g else p.temperature for p, g in rows], logits)
 
@@ -252,7 +261,7 @@ def apply_warpers(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         # One ascending sort serves both: the k-th largest sits at V - k, and top-p accumulates
         # from the least likely token up, as HF and vLLM do (so the same sums, the same masks).
         # Stable, so tokens tied at the top-p boundary go in id order (the lower id is dropped
-        # first): deterministic, and what transformers' sort does on a CPU.
+        # first): an unstable sort may order them differently in a batch of another shape.
         ordered, order = logits.sort(dim=-1, stable=True)
         kth = ordered.gather(1, torch.tensor([V - k for k in top_k], device=logits.device)[:, None])
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))
@@ -327,8 +336,8 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def check_stop(text_so_far: str, new_text: str, stop: Sequence[str]) -> tuple[bool, str]:
     """(stopped, text): text is text_so_far + new_text, cut before the earliest stop string when
-    one ends inside new_text (it may start in text_so_far, which must already have been checked:
-    only matches ending in the new piece are searched, so each step costs O(piece + stop))."""
+    one ends inside new_text (it may start in text_so_far). Only matches ending in the new piece
+    are searched: text_so_far must already have been checked, piece by piece."""
     text = text_so_far + new_text
     cut = -1
     for s in stop:
