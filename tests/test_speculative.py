@@ -84,3 +84,43 @@ def test_sampled_tokens_through_the_engine_follow_the_target():
     chi2 = float(((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum())
     df = len(obs) - 1
     assert chi2 < df + 3.3 * math.sqrt(2 * df), (chi2, df)  # ~ the 0.1% tail
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla"])
+def test_mtp_self_speculation_equals_plain_greedy(kind):
+    """DeepSeek-V3-style self-speculation: the model's own MTP module drafts one token per step."""
+    extra = dict(mixer="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                 v_head_dim=12) if kind == "mla" else {}
+    target = tiny(0, mtp_depth=1, **extra)
+    ps = prompts(8)
+    params = SamplingParams(temperature=0, max_tokens=14)
+    plain = [r["token_ids"] for r in Engine(target).generate(ps, params)]
+    engine = Engine(target, draft_model="mtp", max_prefill_tokens=16)  # chunked prompts: hidden states in pieces
+    assert [r["token_ids"] for r in engine.generate(ps, params)] == plain
+    assert engine.stats()["draft_tokens"] > 0 and engine.stats()["kv_blocks_used"] == 0
+    with pytest.raises(Exception, match="mtp"):
+        Engine(tiny(0), draft_model="mtp")
+
+
+def test_mtp_sampling_follows_the_target():
+    V = 8
+    target = tiny(0, vocab=V, init_std=0.5, mtp_depth=1)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]))[0, -1], -1)
+        p2 = torch.softmax(target(torch.tensor([prompt + [a] for a in range(V)]))[:, -1], -1)
+    joint = (p1[:, None] * p2).flatten()
+    n = 3000
+    engine = Engine(target, draft_model="mtp", max_num_seqs=256)
+    out = engine.generate([prompt], SamplingParams(temperature=1.0, n=n, seed=9, max_tokens=2, ignore_eos=True))[0]
+    counts = torch.zeros(V * V)
+    for r in out:
+        counts[r["token_ids"][0] * V + r["token_ids"][1]] += 1
+    expected = joint * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum())
+    df = len(obs) - 1
+    assert engine.stats()["draft_tokens"] > 0
+    assert chi2 < df + 3.3 * math.sqrt(2 * df), (chi2, df)

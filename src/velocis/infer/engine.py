@@ -25,7 +25,10 @@ per running sequence, the target verifies them in one forward of k+1 positions, 
 acceptance rule of infer/speculative.py keeps the target's distribution exactly (greedy: the same
 tokens as without a draft). The draft's KV lives in pools of its own indexed by the same block
 tables; a rejected draft's slots are simply past the sequence's length (rollback is free).
-Requests with penalties or logprobs decode without drafts. Prefix caching is off while drafting.
+draft_model="mtp" drafts with the target's own multi-token-prediction module (DeepSeek-V3's
+self-speculation, one token per step): it reads the target's hidden state of each position, kept
+from the target's forwards, and keeps its own KV in one more pool. Requests with penalties or
+logprobs decode without drafts. Prefix caching is off while drafting.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 
 from velocis.errors import VelocisError
 from velocis.infer.generate import StreamDecoder
-from velocis.infer.paged import BlockAllocator, PagedCache, block_hashes, blocks_for_budget
+from velocis.infer.paged import BlockAllocator, BlockTables, PagedCache, PagedLayer, block_hashes, blocks_for_budget
 from velocis.infer.sampling import PenaltyState, SamplingParams, apply_warpers, check_stop, make_generator, \
     safe_stream_len, sample_batch, stack_penalty_states
 from velocis.infer.speculative import accept
@@ -74,7 +77,8 @@ class _Seq:
     arrival: float
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
-    draft_computed: int = 0  # tokens whose KV is in the draft model's pools
+    draft_computed: int = 0  # tokens whose KV is in the draft model's (or the MTP module's) pools
+    hidden: list = field(default_factory=list)  # MTP drafting: normed target hidden states from draft_computed on
     registered: int = 0  # full blocks entered into the prefix cache
     text: str = ""
     streamed: int = 0  # characters of text already returned as deltas
@@ -128,14 +132,22 @@ class Engine:
         # never more blocks than every slot filled to the full context can use (+ the scratch block)
         most = max_num_seqs * math.ceil(self.context / block_size) + 1
         budget = _budget_bytes(kv_cache_memory, model.device)
-        if draft_model is not None:  # the draft's pools take their share of the budget
+        if draft_model is not None and not isinstance(draft_model, str):  # the draft's pools take their share
             budget = budget * model.cache_bytes(dtype_bytes)[0] // (
                 model.cache_bytes(dtype_bytes)[0] + draft_model.cache_bytes(draft_model.dtype.itemsize)[0])
         num_blocks = min(most, blocks_for_budget(model, budget, block_size, dtype_bytes))
         self.allocator = BlockAllocator(num_blocks)
         self.cache = PagedCache(model, num_blocks, block_size)
-        self.draft, self.draft_cache, self.k = None, None, num_speculative_tokens
-        if draft_model is not None:
+        self.draft, self.draft_cache, self.mtp, self.k = None, None, None, num_speculative_tokens
+        if isinstance(draft_model, str):
+            if draft_model != "mtp" or model.mtp is None:
+                raise VelocisError(f"draft_model {draft_model!r}: give a model, or 'mtp' for a model with "
+                                   f"multi-token-prediction modules (mtp_depth > 0)")
+            ref = model.embed_tokens.weight
+            pool = model.mtp.layers[0].block.mixer.new_cache(num_blocks, block_size, ref.device, ref.dtype)
+            self.mtp = PagedLayer(pool, BlockTables(block_size, ref.device))
+            self.k, self.prefix_caching = 1, False  # depth 1: one draft per step, from the last hidden state
+        elif draft_model is not None:
             if draft_model.config.vocab_size != model.config.vocab_size:
                 raise VelocisError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) is not the "
                                    f"target's ({model.config.vocab_size}); a draft must share the tokenizer")
@@ -224,7 +236,7 @@ class Engine:
     def _free(self, seq: _Seq) -> None:
         for b in seq.blocks:
             self.allocator.release(b)
-        seq.blocks, seq.num_computed, seq.registered, seq.draft_computed = [], 0, 0, 0
+        seq.blocks, seq.num_computed, seq.registered, seq.draft_computed, seq.hidden = [], 0, 0, 0, []
 
     def _preempt(self) -> _Seq:
         """Free the newest running sequence's blocks; it is recomputed later, from the queue's front."""
@@ -291,15 +303,19 @@ class Engine:
 
     def _drafts(self, seq: _Seq) -> bool:
         """Does this sequence decode with drafts this step (blocks for the k+1 verified positions)?"""
-        if self.draft is None or seq.penalties is not None or seq.params.logprobs is not None:
+        if (self.draft is None and self.mtp is None) or seq.penalties is not None or seq.params.logprobs is not None:
             return False
         room = self.context - len(seq.tokens)
         return room > self.k and self._blocks_for(seq, seq.num_computed + self.k + 1)
 
-    def _speculate(self, seqs: list[_Seq]) -> list[Output]:
-        """k draft tokens per sequence, one target forward to verify them, the acceptance rule."""
-        dev, k = self.model.device, self.k
-        params = [s.params for s in seqs]
+    def _draw(self, q: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """One draft token per row from the draft distributions q [B, V] (greedy rows: the argmax)."""
+        return torch.stack([q[b].argmax() if s.params.greedy else torch.multinomial(q[b], 1, generator=s.generator)[0]
+                            for b, s in enumerate(seqs)])
+
+    def _propose_with_model(self, seqs: list[_Seq]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """k draft tokens per row from the draft model, and the distributions they were drawn from."""
+        dev, params = self.model.device, [s.params for s in seqs]
         # the draft catches up on the tokens it has not seen (right-padded; padding lands past the rows)
         chunks = [s.tokens[s.draft_computed:] for s in seqs]
         width = max(map(len, chunks))
@@ -309,22 +325,46 @@ class Engine:
         last = torch.tensor([len(c) - 1 for c in chunks], device=dev)
         logits = self.draft(ids, cache=self.draft_cache, positions=positions, logits_at=last)[:, -1]
         drafts, qs = [], []
-        for j in range(k):
+        for j in range(self.k):
             q = apply_warpers(logits, params).softmax(-1)
-            d = torch.stack([torch.multinomial(q[b], 1, generator=s.generator)[0] if not s.params.greedy
-                             else q[b].argmax() for b, s in enumerate(seqs)])
-            drafts.append(d)
+            drafts.append(self._draw(q, seqs))
             qs.append(q)
-            if j < k - 1:
+            if j < self.k - 1:
                 pos = torch.tensor([len(s.tokens) + j for s in seqs], device=dev)[:, None]
                 self.draft_cache.bind([s.blocks for s in seqs], int(pos.max()) + 1)
-                logits = self.draft(d[:, None], cache=self.draft_cache, positions=pos)[:, -1]
+                logits = self.draft(drafts[-1][:, None], cache=self.draft_cache, positions=pos)[:, -1]
+        return drafts, qs
+
+    def _propose_with_mtp(self, seqs: list[_Seq]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One draft per row from the MTP module: position i pairs the target's hidden state h_i with
+        token i+1; the pairs it has not seen catch up first, the last one (h of the last computed
+        position, the last token) predicts the next token."""
+        dev = self.model.device
+        chunks = [s.tokens[s.draft_computed + 1:] for s in seqs]  # token i+1 for each pending h_i
+        width = max(map(len, chunks))
+        ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in chunks], device=dev)
+        h = torch.stack([torch.cat(s.hidden + [s.hidden[-1][-1:]] * (width - len(c))) for s, c in zip(seqs, chunks)])
+        positions = torch.tensor([s.draft_computed for s in seqs], device=dev)[:, None] + torch.arange(width, device=dev)
+        self.mtp.tables.set([s.blocks for s in seqs], -(-(int(positions.max()) + 1) // self.block_size))
+        logits, _ = self.model.mtp.logits(h, ids, self.model.embed_tokens, self.model.lm_head, depth=1,
+                                          positions=positions, cache=self.mtp)
+        logits = logits[torch.arange(len(seqs), device=dev), torch.tensor([len(c) - 1 for c in chunks], device=dev)]
+        for s in seqs:
+            s.draft_computed, s.hidden = len(s.tokens) - 1, []
+        q = apply_warpers(logits, [s.params for s in seqs]).softmax(-1)
+        return [self._draw(q, seqs)], [q]
+
+    def _speculate(self, seqs: list[_Seq]) -> list[Output]:
+        """k draft tokens per sequence, one target forward to verify them, the acceptance rule."""
+        dev, k = self.model.device, self.k
+        drafts, qs = self._propose_with_mtp(seqs) if self.mtp is not None else self._propose_with_model(seqs)
         drafts_t = torch.stack(drafts, 1)  # [B, k]
         # the target scores the last token and the k drafts in one forward
         ids = torch.cat([torch.tensor([s.tokens[-1] for s in seqs], device=dev)[:, None], drafts_t], 1)
         positions = torch.tensor([s.num_computed for s in seqs], device=dev)[:, None] + torch.arange(k + 1, device=dev)
         self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
-        target = self.model(ids, cache=self.cache, positions=positions)  # [B, k+1, V]
+        out = self.model(ids, cache=self.cache, positions=positions, return_hidden=True)
+        target, hidden = out.logits, (self.model.norm(out.hidden) if self.mtp is not None else None)
         outputs = []
         for b, seq in enumerate(seqs):
             p = apply_warpers(target[b], [seq.params] * (k + 1)).softmax(-1)
@@ -334,7 +374,10 @@ class Engine:
             self.counters["draft_tokens"] += k
             self.counters["accepted_tokens"] += len(tokens) - 1
             seq.num_computed = L + len(tokens) - 1  # the last token and the accepted drafts are cached
-            seq.draft_computed = min(L + k - 1, L + len(tokens) - 1)
+            if hidden is not None:  # h of the positions now cached, for the next MTP drafts
+                seq.hidden = [hidden[b, :len(tokens)]]
+            else:
+                seq.draft_computed = min(L + k - 1, L + len(tokens) - 1)
             out = None
             for t in tokens:
                 o = self._append(seq, t, None)
@@ -366,10 +409,13 @@ class Engine:
         positions = start[:, None] + torch.arange(T, device=self.model.device)
         self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
         last = torch.tensor([len(c) - 1 for c in chunks], device=self.model.device)
-        logits = self.model(ids, cache=self.cache, positions=positions, logits_at=last)[:, -1]
-        for s, c in zip(seqs, chunks):
+        out = self.model(ids, cache=self.cache, positions=positions, logits_at=last, return_hidden=True)
+        logits = out.logits[:, -1]
+        for b, (s, c) in enumerate(zip(seqs, chunks)):
             s.num_computed += len(c)
             self._register_full_blocks(s)
+            if self.mtp is not None:  # the MTP drafter reads the target's hidden state of every position
+                s.hidden.append(self.model.norm(out.hidden[b, :len(c)]))
         # sample where the chunk ended at the sequence's last token (a recomputed, preempted sequence
         # stops one short: its last token was sampled already, and the next decode step feeds it)
         ready = [i for i, s in enumerate(seqs) if s.num_computed == len(s.tokens)]
