@@ -128,3 +128,41 @@ def test_abort_frees_blocks_and_bad_requests_are_refused():
         engine.add_request([V + 5])
     with pytest.raises(VelocisError, match="kv_cache_memory"):
         Engine(model, kv_cache_memory=-1)
+
+
+def test_structured_output_through_the_engine(tmp_path):
+    """Every request of a batch with a response_format gives output that parses and fits (a random
+    model: only the constraint makes it so); an invalid format is refused before any work."""
+    import json
+    import re
+
+    from velocis.tokenizer import Tokenizer
+
+    text = "".join(f'{{"a": "x", "n": {i}}} 2026-{i % 12 + 1:02d}-{i % 28 + 1:02d} [1, 2] "y" true\n' for i in range(300))
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    tok = Tokenizer.train([tmp_path / "t.txt"], vocab_size=300, min_frequency=2, progress=False)
+    torch.manual_seed(0)
+    model = VelocisModel(ModelConfig(vocab_size=tok.vocab_size, hidden_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
+                                     max_seq_len=512, eos_token_id=tok.eos_id)).eval()
+    engine = Engine(model, tok, max_num_seqs=8)
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "boolean"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    date = {"type": "regex", "regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+    ids = {}
+    for i in range(6):
+        params = SamplingParams(temperature=1.0, seed=i, max_tokens=300)
+        ids[engine.add_request("Answer: ", params, response_format=fmt if i % 2 else date)] = i
+    texts = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                texts[ids[out.request_id]] = out.text
+    for i, t in texts.items():
+        if i % 2:
+            obj = json.loads(t)
+            assert obj["a"] in ("x", "y") and isinstance(obj["b"], bool) and set(obj) == {"a", "b"}, t
+        else:
+            assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", t), t
+    with pytest.raises(VelocisError, match="invalid JSON schema"):
+        engine.add_request("x", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}})

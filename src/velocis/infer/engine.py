@@ -79,6 +79,7 @@ class _Seq:
     num_computed: int = 0  # tokens whose KV is in the cache
     draft_computed: int = 0  # tokens whose KV is in the draft model's (or the MTP module's) pools
     hidden: list = field(default_factory=list)  # MTP drafting: normed target hidden states from draft_computed on
+    matcher: object = None  # structured output: the grammar state (infer/structured.py), masks every step
     registered: int = 0  # full blocks entered into the prefix cache
     text: str = ""
     streamed: int = 0  # characters of text already returned as deltas
@@ -168,10 +169,20 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (text or token ids); returns its id. n > 1 queues n sequences."""
+                    request_id: str | None = None, response_format: dict | None = None) -> str:
+        """Queue a request (text or token ids); returns its id. n > 1 queues n sequences.
+        response_format (OpenAI's: json_object, json_schema, or Velocis' regex / grammar) constrains
+        every sampled token to it (infer/structured.py); an invalid one raises VelocisError."""
         params = params or SamplingParams()
         ids = self._encode(prompt)
+        grammar = None
+        if response_format is not None:
+            from velocis.infer.structured import compile_response_format
+
+            if self.tokenizer is None:
+                raise VelocisError("response_format needs the model's tokenizer; give the engine one")
+            grammar = compile_response_format(response_format, self.tokenizer,
+                                              stop_ids=sorted(params.stop_ids(self.eos)) or None)
         limit = self.context - 1
         if len(ids) > limit:
             raise VelocisError(f"the prompt is {len(ids)} tokens but the model's context is {self.context}: "
@@ -187,7 +198,7 @@ class Engine:
                 make_generator(params, self.model.device, i),
                 StreamDecoder(self.tokenizer) if self.tokenizer is not None else None,
                 PenaltyState(ids, self.model.config.vocab_size, self.model.device) if params.uses_penalties else None,
-                time.perf_counter()))
+                time.perf_counter(), matcher=grammar.matcher() if grammar is not None else None))
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(ids)
         return rid
@@ -303,7 +314,8 @@ class Engine:
 
     def _drafts(self, seq: _Seq) -> bool:
         """Does this sequence decode with drafts this step (blocks for the k+1 verified positions)?"""
-        if (self.draft is None and self.mtp is None) or seq.penalties is not None or seq.params.logprobs is not None:
+        if (self.draft is None and self.mtp is None) or seq.penalties is not None or seq.params.logprobs is not None \
+                or seq.matcher is not None:
             return False
         room = self.context - len(seq.tokens)
         return room > self.k and self._blocks_for(seq, seq.num_computed + self.k + 1)
@@ -427,6 +439,11 @@ class Engine:
         history = None
         if any(s.penalties is not None for s in seqs):
             history = stack_penalty_states([s.penalties for s in seqs], logits.shape[-1], logits.device)
+        if any(s.matcher is not None for s in seqs):
+            logits = logits.clone()
+            for b, seq in enumerate(seqs):
+                if seq.matcher is not None:  # only what the grammar allows next (-inf elsewhere)
+                    seq.matcher.apply_mask(logits[b:b + 1])
         result = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs], history=history)
         outputs = []
         for i, (seq, tok) in enumerate(zip(seqs, result.token_ids.tolist())):
@@ -437,8 +454,11 @@ class Engine:
         return outputs
 
     def _append(self, seq: _Seq, token: int, logprobs) -> Output:
-        """Add a sampled token; finish the sequence on a stop token, a stop string or its length."""
+        """Add a sampled token; finish the sequence on a stop token, a stop string, its length, or a
+        structured output that is complete."""
         self.counters["generated_tokens"] += 1
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
         if token in seq.stop_ids:  # the stop token ends the text; it is not part of it
             seq.finish_reason = "stop"
             return self._finish(seq, [], logprobs)
@@ -450,6 +470,9 @@ class Engine:
             if stopped:
                 seq.finish_reason = "stop"
                 return self._finish(seq, [token], logprobs)
+        if seq.matcher is not None and seq.matcher.is_finished():  # nothing but EOS can follow
+            seq.finish_reason = "stop"
+            return self._finish(seq, [token], logprobs)
         if (seq.params.max_tokens is not None and seq.num_output >= seq.params.max_tokens) \
                 or len(seq.tokens) >= self.context:
             seq.finish_reason = "length"
