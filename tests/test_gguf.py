@@ -644,3 +644,20 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(VelocisError, match="no space left"):
         export_gguf(_model(seed=1), None, out, type="q8_0", overwrite=True)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_velocis_load_takes_a_gguf_file(tmp_path):
+    """velocis.load(F.gguf) reads the file itself (it used to fall back to the file's directory)."""
+    import velocis
+    from velocis.config import ModelConfig
+    from velocis.interop.gguf import export_gguf
+    from velocis.models import VelocisModel
+
+    torch.manual_seed(0)
+    model = VelocisModel(ModelConfig(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
+                                     max_seq_len=32)).eval()
+    export_gguf(model, None, tmp_path / "m.gguf", type="f32")
+    back, _ = velocis.load(tmp_path / "m.gguf", device="cpu", dtype=torch.float32)
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert (back(x) - model(x)).abs().max() < 1e-5

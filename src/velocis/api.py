@@ -11,8 +11,8 @@ from velocis.utils.device import default_dtype, resolve_device
 
 
 def load(path: str | Path, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None):
-    """A Velocis model dir, a training run dir (latest model at its root) or a Hugging Face dir
-    -> (model, tokenizer). The tokenizer is None when the directory holds none."""
+    """A Velocis model dir, a training run dir (latest model at its root), a Hugging Face dir or a
+    GGUF file -> (model, tokenizer). The tokenizer is None when the directory holds none."""
     from velocis import model_io
     from velocis.interop import hf
 
@@ -23,9 +23,13 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: to
         model_io.require_dtype(dtype, "dtype")
     if not path.exists():
         raise VelocisError(f"{path}: no such directory; pass a Velocis model, run or Hugging Face directory")
+    dev = resolve_device(device)
+    if path.is_file() and path.suffix == ".gguf":  # a llama.cpp file: dequantized into a Velocis model
+        from velocis.interop.gguf import load_gguf
+
+        return load_gguf(path, device=dev, dtype=dtype)
     if path.is_file():
         path = path.parent
-    dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     if model_io.is_velocis_dir(path):
         return model_io.load_model_dir(path, device=dev, dtype=dtype)
