@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "params",
     "convert",
     "export",
+    "quantize",
     "plot",
 ]
 

@@ -93,6 +93,11 @@ class ModelConfig:
     # this to the EOS id); Llama-family imports keep their BOS; None puts nothing before the prompt.
     prompt_start_token_id: int | None = None
 
+    # --- weight-only quantization (written by `velocis quantize`; velocis/quant/formats.py) ---
+    # None: float weights. Else {"method", "bits", "group_size", "symmetric", "modules", ...}: the
+    # named modules are stored quantized, and loading builds them as velocis.quant modules.
+    quantization: dict[str, Any] | None = None
+
     # ------------------------------------------------------------------
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -156,6 +161,13 @@ class ModelConfig:
                 bad(f"rope_scaling needs a positive 'factor', got {self.rope_scaling.get('factor')!r}")
             if kind in ("dynamic", "yarn", "llama3") and not self.rope_scaling.get("original_max_seq_len"):
                 bad(f"rope_scaling type {kind!r} needs 'original_max_seq_len' (the pretraining context)")
+        if self.quantization is not None:
+            from velocis.quant.formats import check_quantization_config
+
+            try:
+                check_quantization_config(self.quantization)
+            except VelocisError as e:
+                bad(str(e))
 
     # per-layer parts ----------------------------------------------------
     def mixers(self) -> list[str]:

@@ -5,6 +5,9 @@
 
 `velocis.load` (api.py) also accepts Hugging Face directories via velocis.interop.hf.
 A tied lm_head is stored once (as embed_tokens.weight).
+A quantized model (`velocis quantize`; config.json has `quantization`) is the same layout: its
+quantized modules store qweight / scales / zeros instead of weight (velocis/quant/formats.py), and
+loading builds them as velocis.quant modules on the meta device before the state dict is assigned.
 """
 from __future__ import annotations
 
@@ -74,8 +77,9 @@ def save_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None 
     previous = check_output_dir(out_dir, MODEL_FILES, "a Velocis model", overwrite, flag="out_dir",
                                 is_own=is_velocis_dir)
     sd = model_state(model)
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    if dtype is not None:  # a quantized model's scales keep their format's dtype (float16)
+        fixed = (lambda k: k.endswith(".scales")) if model.config.quantization is not None else (lambda k: False)
+        sd = {k: v.to(dtype) if v.is_floating_point() and not fixed(k) else v for k, v in sd.items()}
     cfg = model.config
     if tokenizer is not None:  # the model's special ids follow its tokenizer
         for name in ("bos", "eos", "pad"):
@@ -98,6 +102,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "
 
     with torch.device("meta"):  # no wasted random init: every tensor comes from `state`
         model = VelocisModel(cfg)
+    quantized = _quantized_names(cfg, model, where)
     expected = model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
@@ -111,8 +116,12 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise VelocisError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, config expects {tuple(v.shape)}")
+        if k in quantized and state[k].dtype != v.dtype:
+            raise VelocisError(f"{where}: quantized tensor {k} is {state[k].dtype}, the format stores {v.dtype}; "
+                               f"re-quantize the model with `velocis quantize`")
     if dtype is None:  # keep the stored precision (a bf16 checkpoint stays bf16)
-        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        dtype = next((v.dtype for k, v in state.items() if v.is_floating_point() and k not in quantized),
+                     torch.float32)
     params = {k for k, _ in model.named_parameters()}
     for k in list(state):  # one tensor at a time, and assign (no copy): the peak stays about one model
         v = state[k]
@@ -122,7 +131,29 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str = "
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, device)
+    if quantized:  # quantized modules compute in the model's float dtype (their codes and scales keep theirs)
+        for m in model.modules():
+            if hasattr(m, "compute_dtype"):
+                m.compute_dtype = dtype
     return model.eval()
+
+
+def _quantized_names(cfg: ModelConfig, model, where: str) -> set[str]:
+    """A quantized checkpoint (config.json has `quantization`): swap the named modules of the meta
+    model for quantized ones (velocis.quant), so the state dict's qweight / scales / zeros fit.
+    Returns the names of the stored quantized tensors (they keep their dtypes: int8/uint8 codes,
+    float16 scales)."""
+    if cfg.quantization is None:
+        return set()
+    from velocis.quant.swap import swap_for_loading
+
+    swap_for_loading(model, cfg.quantization, where)
+    return {f"{m}.{t}" for m in cfg.quantization["modules"] for t in _QUANT_TENSORS} | {
+        f"{m}.{p}.{t}" for m in cfg.quantization["modules"] for p in ("gate_up_proj", "down_proj")
+        for t in _QUANT_TENSORS}
+
+
+_QUANT_TENSORS = ("qweight", "scales", "zeros")
 
 
 def _materialize_buffers(model, device) -> None:

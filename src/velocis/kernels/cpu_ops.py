@@ -53,8 +53,16 @@ def _load():
     built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
         print("velocis: compiling the CPU kernels (once per machine and version, ~30 s)…", file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
-                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], is_python_module=False)
+    import fcntl
+
+    # torch's build lock is a plain file that a killed build leaves behind, after which every later
+    # load waits on it forever. Builds of this name take an flock first (the kernel drops it when its
+    # holder dies): whoever holds the flock knows a `lock` file left there is stale and removes it.
+    with open(built.parent / "velocis-build.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (built.parent / "lock").unlink(missing_ok=True)
+        cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
+                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], is_python_module=False)
     return torch.ops.velocis_cpu
 
 
