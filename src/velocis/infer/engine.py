@@ -78,7 +78,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     draft_computed: int = 0  # tokens whose KV is in the draft model's (or the MTP module's) pools
-    hidden: list = field(default_factory=list)  # MTP drafting: normed target hidden states from draft_computed on
+    hidden: list = field(default_factory=list)  # drafting from the model itself: target hidden states from draft_computed on
     matcher: object = None  # structured output: the grammar state (infer/structured.py), masks every step
     registered: int = 0  # full blocks entered into the prefix cache
     text: str = ""
@@ -141,12 +141,11 @@ class Engine:
         self.cache = PagedCache(model, num_blocks, block_size)
         self.draft, self.draft_cache, self.mtp, self.k = None, None, None, num_speculative_tokens
         if isinstance(draft_model, str):
-            if draft_model != "mtp" or model.mtp is None:
+            pool = model.draft_cache(num_blocks, block_size) if draft_model == "mtp" else None
+            if pool is None:
                 raise VelocisError(f"draft_model {draft_model!r}: give a model, or 'mtp' for a model with "
                                    f"multi-token-prediction modules (mtp_depth > 0)")
-            ref = model.embed_tokens.weight
-            pool = model.mtp.layers[0].block.mixer.new_cache(num_blocks, block_size, ref.device, ref.dtype)
-            self.mtp = PagedLayer(pool, BlockTables(block_size, ref.device))
+            self.mtp = PagedLayer(pool, BlockTables(block_size, model.device))
             self.k, self.prefix_caching = 1, False  # depth 1: one draft per step, from the last hidden state
         elif draft_model is not None:
             if draft_model.config.vocab_size != model.config.vocab_size:
@@ -358,8 +357,7 @@ class Engine:
         h = torch.stack([torch.cat(s.hidden + [s.hidden[-1][-1:]] * (width - len(c))) for s, c in zip(seqs, chunks)])
         positions = torch.tensor([s.draft_computed for s in seqs], device=dev)[:, None] + torch.arange(width, device=dev)
         self.mtp.tables.set([s.blocks for s in seqs], -(-(int(positions.max()) + 1) // self.block_size))
-        logits, _ = self.model.mtp.logits(h, ids, self.model.embed_tokens, self.model.lm_head, depth=1,
-                                          positions=positions, cache=self.mtp)
+        logits = self.model.draft_logits(h, ids, positions, self.mtp)
         logits = logits[torch.arange(len(seqs), device=dev), torch.tensor([len(c) - 1 for c in chunks], device=dev)]
         for s in seqs:
             s.draft_computed, s.hidden = len(s.tokens) - 1, []
@@ -376,7 +374,7 @@ class Engine:
         positions = torch.tensor([s.num_computed for s in seqs], device=dev)[:, None] + torch.arange(k + 1, device=dev)
         self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
         out = self.model(ids, cache=self.cache, positions=positions, return_hidden=True)
-        target, hidden = out.logits, (self.model.norm(out.hidden) if self.mtp is not None else None)
+        target, hidden = out.logits, (out.hidden if self.mtp is not None else None)
         outputs = []
         for b, seq in enumerate(seqs):
             p = apply_warpers(target[b], [seq.params] * (k + 1)).softmax(-1)
@@ -427,7 +425,7 @@ class Engine:
             s.num_computed += len(c)
             self._register_full_blocks(s)
             if self.mtp is not None:  # the MTP drafter reads the target's hidden state of every position
-                s.hidden.append(self.model.norm(out.hidden[b, :len(c)]))
+                s.hidden.append(out.hidden[b, :len(c)])
         # sample where the chunk ended at the sequence's last token (a recomputed, preempted sequence
         # stops one short: its last token was sampled already, and the next decode step feeds it)
         ready = [i for i, s in enumerate(seqs) if s.num_computed == len(s.tokens)]

@@ -192,6 +192,20 @@ class VelocisModel(nn.Module):
         layers = [b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.layers]
         return Cache(layers, max_len, batch_size, device)
 
+    def draft_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
+        """The layer cache of the model's own drafter (MTP depth 1), or None when it has none: an
+        engine drafts through this and `draft_logits` without knowing what the drafter is."""
+        if self.mtp is None:
+            return None
+        ref = self.embed_tokens.weight
+        return self.mtp.layers[0].block.mixer.new_cache(batch_size, max_len, device or ref.device, dtype or ref.dtype)
+
+    def draft_logits(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Logits of the token after `tokens` [B, T] from the pre-norm hidden states [B, T, H] of the
+        positions before them (MTP depth 1), with the drafter's own cache."""
+        return self.mtp.logits(self.norm(hidden), tokens, self.embed_tokens, self.lm_head, depth=1,
+                               positions=positions, cache=cache)[0]
+
     def cache_bytes(self, dtype_bytes: int = 2) -> tuple[int, int]:
         """(bytes per cached token, bytes per sequence) over all layers, as each mixer declares them."""
         per_token = sum(b.mixer.cache_bytes_per_token(dtype_bytes) for b in self.layers)
