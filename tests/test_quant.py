@@ -465,3 +465,21 @@ def test_cli_refuses_quantized_input_and_foreign_output(tiny_model_dir, capsys):
     assert rc == 2 and "is the input directory" in err
     # the same output again (its own earlier output) is replaced, as convert does
     assert run_cli(capsys, "quantize", "--model", root / "model", "--bits", 8, "--output", root / "q8")[0] == 0
+
+
+def test_a_quantized_model_is_not_exported_to_hf(tmp_path):
+    """Before: export wrote qweight/scales tensors transformers cannot read, and said nothing."""
+    import torch as _torch
+
+    from velocis.config import ModelConfig as _MC
+    from velocis.errors import VelocisError as _VE
+    from velocis.interop.hf import export_hf
+    from velocis.models import VelocisModel as _VM
+    from velocis.quant import quantize_model
+
+    _torch.manual_seed(0)
+    m = _VM(_MC(vocab_size=64, hidden_dim=64, num_layers=1, num_heads=2, mlp_dim=128, max_seq_len=32))
+    quantize_model(m, bits=8)
+    with pytest.raises(_VE, match="quantized"):
+        export_hf(m, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

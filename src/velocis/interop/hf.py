@@ -110,6 +110,9 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None =
     require_model(model)
     require_dtype(dtype)
     cfg = model.config
+    if getattr(cfg, "quantization", None):
+        raise VelocisError("this model is quantized (velocis quantize); transformers cannot read its packed "
+                           "weights: export the model it was quantized from")
     for arch, conv in HF_ARCHITECTURES.items():
         if conv.config_to_hf and conv.can_export and conv.can_export(cfg):
             break
