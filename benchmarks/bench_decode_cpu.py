@@ -2,13 +2,15 @@
 
 One 125M Llama-shaped model (hidden 768, 12 layers, 12 heads, 4 KV heads, MLP 2048, vocab 32000,
 random weights saved by transformers) is decoded by each contestant in turn, round after round
-(the machine's drift hits all alike); each round is a warm-up-free run of --new-tokens greedy
-tokens after a 16-token prompt. Reported: median tokens/s and the ratio to llama.cpp at the same
+(the machine's drift hits all alike); after one untimed warm-up round, each round is a run of
+--new-tokens greedy tokens after a 16-token prompt, prefill included. Velocis runs at fp32, bf16 and
+fp16 and as `velocis quantize` int8 (per channel) and int4 (g32) models. Reported: median tokens/s and the ratio to llama.cpp at the same
 precision. llama.cpp (llama-cpp-python) runs Velocis' own GGUF export (`velocis export --format
 gguf --type ...`); it is skipped, with a note, when llama_cpp is not installed (a benchmark-only
 dependency: `pip install llama-cpp-python`, ~5 minutes to build here).
 
-    python benchmarks/bench_decode_cpu.py [--new-tokens 64] [--rounds 3] [--threads 2] [--types f32,q8_0,q4_0]
+    python benchmarks/bench_decode_cpu.py [--new-tokens 64] [--rounds 3] [--threads 2] [--types f32,f16,q8_0,q4_0]
+        [--velocis fp32,bf16,fp16,int8,int4]
 """
 from __future__ import annotations
 
@@ -39,11 +41,20 @@ def build(root: Path) -> Path:
     return root
 
 
-def velocis_runner(root: Path, dtype: torch.dtype):
+def velocis_runner(root: Path, dtype: torch.dtype, bits: int | None = None):
+    """Velocis' own path for its users: `velocis quantize` (int8 per channel; int4 g32 with zero
+    points, round-to-nearest) writes the quantized model, `velocis.load` reads it."""
     import velocis
     from velocis.infer.generate import generate_ids
 
-    model, _ = velocis.load(root / "velocis", device="cpu", dtype=dtype)
+    src = root / "velocis"
+    if bits is not None:
+        src = root / f"velocis-int{bits}"
+        if not src.exists():
+            group = [] if bits == 8 else ["--group-size", "32"]
+            subprocess.run([sys.executable, "-m", "velocis", "quantize", "--model", str(root / "velocis"), "--bits",
+                            str(bits), *group, "--output", str(src)], check=True, capture_output=True)
+    model, _ = velocis.load(src, device="cpu", dtype=dtype)
 
     def run(prompt: list[int], n: int) -> list[int]:
         return [int(t) for t in generate_ids(model, [prompt], n)]
@@ -87,20 +98,26 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="f32,q8_0,q4_0", help="llama.cpp GGUF types to run")
+    ap.add_argument("--types", default="f32,f16,q8_0,q4_0", help="llama.cpp GGUF types to run")
+    ap.add_argument("--velocis", default="fp32,bf16,fp16,int8,int4", help="Velocis precisions to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prompt = list(range(100, 116))
     with tempfile.TemporaryDirectory() as tmp:
         root = build(Path(tmp))
-        contestants = {"transformers fp32": transformers_runner(root, torch.float32),
-                       "velocis fp32": velocis_runner(root, torch.float32)}
+        contestants = {"transformers fp32": transformers_runner(root, torch.float32)}
+        for prec in args.velocis.split(","):
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+            bits = {"int8": 8, "int4": 4}.get(prec)
+            contestants[f"velocis {prec}"] = velocis_runner(root, dtype, bits)
         has_llama = importlib.util.find_spec("llama_cpp") is not None
         if has_llama:
             for kind in args.types.split(","):
                 contestants[f"llama.cpp {kind}"] = llama_cpp_runner(root, kind, args.threads)
         times = {name: [] for name in contestants}
         tokens = {}
+        for run in contestants.values():  # warm-up: kernel builds, first-call allocations
+            run(prompt, 8)
         for _ in range(args.rounds):
             for name, run in contestants.items():
                 t0 = time.perf_counter()
@@ -114,7 +131,8 @@ def main() -> None:
     ref = tokens["velocis fp32"]
     print("| contestant | tokens/s | vs llama.cpp at its precision | same greedy tokens as velocis fp32 |")
     print("|---|---:|---:|---|")
-    peer = {"fp32": "llama.cpp f32", "int8": "llama.cpp q8_0", "int4": "llama.cpp q4_0"}
+    peer = {"fp32": "llama.cpp f32", "bf16": "llama.cpp f16", "fp16": "llama.cpp f16", "int8": "llama.cpp q8_0",
+            "int4": "llama.cpp q4_0"}
     for name, r in rate.items():
         prec = name.split()[-1]
         match = peer.get(prec)

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from velocis.errors import VelocisError
+from velocis.kernels.decode_cpu import decode_plan
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -126,6 +127,10 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
                 return
             seqs = [torch.cat([s, n.view(1, 1).clamp(min=0)], dim=1) for s, n in zip(seqs, nxt)]
         return
+    plan = decode_plan(model) if B == 1 else None
+    if plan is not None:  # one C++ call per token (kernels/decode_cpu.py): what batch-1 CPU decoding is bound by
+        yield from _generate_planned(plan, rows[0], max_new_tokens, pick, stop)
+        return
     ids = torch.full((B, T), pad, dtype=torch.long, device=device)
     ids.fill_(filler)  # right padding: written to the cache, never visible, overwritten
     for b, r in enumerate(rows):
@@ -145,6 +150,17 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
             return
         feed = torch.where(done, torch.full_like(nxt, filler), nxt)  # finished rows idle on a valid id
         logits = model(feed[:, None], cache=cache)[:, -1]
+
+
+def _generate_planned(plan, prompt: list[int], max_new_tokens: int, pick, stop: torch.Tensor) -> Iterator[torch.Tensor]:
+    cache = plan.new_cache(len(prompt) + max_new_tokens)
+    logits = plan.forward(prompt, 0, cache)
+    for i in range(max_new_tokens):
+        nxt = pick(logits[None])
+        yield nxt
+        if i == max_new_tokens - 1 or bool(torch.isin(nxt, stop).any()):
+            return
+        logits = plan.forward(nxt, len(prompt) + i, cache)
 
 
 class StreamDecoder:

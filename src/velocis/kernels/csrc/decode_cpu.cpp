@@ -1,0 +1,566 @@
+// Whole-model CPU decoding for dense Llama-shaped models (attention + SwiGLU MLP blocks), in one
+// call per chunk of tokens: no Python and no per-op dispatch between the matmuls, which is what
+// limits a small model's batch-1 decode in eager PyTorch (~3.5 ms of overhead per token at 125M).
+//
+// The reference it is held to is VelocisModel.forward (kernels/decode_cpu.py builds the plan;
+// tests compare logits and greedy tokens). Weights stay in their stored form, read once per chunk:
+//   F32 / BF16 / F16   float weights [rows, cols] (BF16/F16 widened to fp32 in registers)
+//   Q8                 int8 codes [rows, cols], an fp32 scale per group of `group` columns
+//   Q4                 4-bit codes u, fp32 s and s*z per group: w = s * (u - z)
+// (the quantized layouts are described above rows_quant).
+// Quantized matrices multiply int8 activations quantized per 32 columns with their own scale
+// (llama.cpp's q8_0 x q8_0 and q4_0 x q8_0 scheme): maddubs does 32 multiply-adds per instruction,
+// which is what makes int8/int4 decode faster than fp32, not just smaller.
+//
+// Threads: one OpenMP team (torch's own libgomp) for the whole chunk, splitting matrix rows and
+// attention heads; the small serial parts (norms, RoPE, activation quantization) run in `single`
+// sections between the implied barriers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define VELOCIS_AVX2 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+enum Kind : int64_t { F32 = 0, BF16 = 1, F16 = 2, Q8 = 3, Q4 = 4 };
+constexpr int64_t QBLOCK = 32;  // activation quantization block (and the Q4 nibble block)
+constexpr int64_t TASK_ROWS = 16;  // rows per scheduled piece of a matrix
+
+struct Mat {
+  int64_t kind = F32, rows = 0, cols = 0, group = 0;
+  const void* w = nullptr;
+  const float* scales = nullptr;  // [rows, cols / group] (quantized kinds)
+  const float* szs = nullptr;     // [rows, cols / group]: scale * zero point (Q4)
+  bool quantized() const { return kind == Q8 || kind == Q4; }
+};
+
+// Activation rows quantized for the integer kernels: codes, a scale per block, and scale * sum of
+// the block's codes (Q4's zero-point correction reads it).
+struct QRows {
+  int64_t cols = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, dsum;
+  void quantize(const float* x, int64_t T, int64_t n);
+  const int8_t* codes(int64_t t) const { return q.data() + t * cols; }
+  const float* scale(int64_t t) const { return d.data() + t * (cols / QBLOCK); }
+  const float* scaled_sum(int64_t t) const { return dsum.data() + t * (cols / QBLOCK); }
+};
+
+void QRows::quantize(const float* x, int64_t T, int64_t n) {
+  cols = n;
+  const int64_t nb = n / QBLOCK;
+  q.resize(T * n);
+  d.resize(T * nb);
+  dsum.resize(T * nb);
+  for (int64_t b = 0; b < T * nb; ++b) {
+    const float* xb = x + b * QBLOCK;
+    float amax = 0.f;
+    for (int64_t i = 0; i < QBLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float s = amax / 127.f, inv = s > 0.f ? 1.f / s : 0.f;
+    int sum = 0;
+    for (int64_t i = 0; i < QBLOCK; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+      q[b * QBLOCK + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = s;
+    dsum[b] = s * static_cast<float>(sum);
+  }
+}
+
+inline float widen(float v, int64_t) { return v; }
+inline float widen(uint16_t h, int64_t kind) {
+  if (kind == F16) return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#ifdef VELOCIS_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 load8(const float* p, int64_t) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p, int64_t kind) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (kind == F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+// 32 products of int8 pairs, summed pairwise into 8 int32 lanes, as floats. maddubs multiplies
+// unsigned by signed bytes: signed weights move their sign onto the activation first.
+inline __m256 dot32_s8(__m256i w, __m256i x) {
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+inline __m256 dot32_u4(__m256i u, __m256i x) {  // codes 0..15 are already unsigned
+  const __m256i p16 = _mm256_maddubs_epi16(u, x);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+#endif
+
+// ---- one matrix, rows [r0, r1), against T activation rows: out[t * ostride + r] -----------------
+
+#ifdef VELOCIS_AVX2
+// bf16 -> fp32 is a 16-bit shift: interleaving zeros below 16 weights gives two fp32 vectors, of
+// columns {0-3, 8-11} and {4-7, 12-15} (unpack works within 128-bit lanes); the activations are
+// permuted the same way once per 16 columns and shared by the 4 rows.
+inline void bf16_fma16(const uint16_t* w, __m256 xlo, __m256 xhi, __m256& acc) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), z = _mm256_setzero_si256();
+  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)), xlo, acc);
+  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)), xhi, acc);
+}
+#endif
+
+template <typename W>
+void rows_float(const Mat& m, int64_t T, const float* x, int64_t xstride, float* out, int64_t ostride,
+                int64_t r0, int64_t r1) {
+  const int64_t C = m.cols;
+  const W* base = static_cast<const W*>(m.w);
+  int64_t r = r0;
+#ifdef VELOCIS_AVX2
+  for (; r + 4 <= r1; r += 4) {
+    const W* w[4] = {base + r * C, base + (r + 1) * C, base + (r + 2) * C, base + (r + 3) * C};
+    for (int64_t t = 0; t < T; ++t) {  // the 4 rows stay in L1 across the T activations
+      const float* xt = x + t * xstride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t c = 0;
+      if (m.kind == BF16) {
+        for (; c + 16 <= C; c += 16) {
+          const __m256 v0 = _mm256_loadu_ps(xt + c), v1 = _mm256_loadu_ps(xt + c + 8);
+          const __m256 xlo = _mm256_permute2f128_ps(v0, v1, 0x20), xhi = _mm256_permute2f128_ps(v0, v1, 0x31);
+          bf16_fma16(reinterpret_cast<const uint16_t*>(w[0] + c), xlo, xhi, a0);
+          bf16_fma16(reinterpret_cast<const uint16_t*>(w[1] + c), xlo, xhi, a1);
+          bf16_fma16(reinterpret_cast<const uint16_t*>(w[2] + c), xlo, xhi, a2);
+          bf16_fma16(reinterpret_cast<const uint16_t*>(w[3] + c), xlo, xhi, a3);
+        }
+      }
+      for (; c + 8 <= C; c += 8) {
+        const __m256 xv = _mm256_loadu_ps(xt + c);
+        a0 = _mm256_fmadd_ps(load8(w[0] + c, m.kind), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w[1] + c, m.kind), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w[2] + c, m.kind), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w[3] + c, m.kind), xv, a3);
+      }
+      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (; c < C; ++c)
+        for (int i = 0; i < 4; ++i) s[i] += widen(w[i][c], m.kind) * xt[c];
+      for (int i = 0; i < 4; ++i) out[t * ostride + r + i] = s[i];
+    }
+  }
+#endif
+  for (; r < r1; ++r) {
+    const W* wr = base + r * C;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * xstride;
+      float s = 0.f;
+      for (int64_t c = 0; c < C; ++c) s += widen(wr[c], m.kind) * xt[c];
+      out[t * ostride + r] = s;
+    }
+  }
+}
+
+// Quantized layouts (kernels/decode_cpu.py packs them):
+//   scales, szs   [ceil(rows / 4), groups, 4]: the 4 rows of a register block side by side
+//   Q4 codes      per row, per pair of 32-column blocks, 32 bytes: byte j holds column j of the
+//                 first block (low nibble) and of the second (high); an odd last block is 16 bytes,
+//                 byte j holding its columns j (low) and j + 16 (high)
+inline float scale_at(const float* s4, int64_t r, int64_t g, int64_t ng) { return s4[(r / 4 * ng + g) * 4 + r % 4]; }
+
+inline int q4_code(const uint8_t* row, int64_t nb, int64_t c) {
+  const int64_t b = c / QBLOCK, j = c % QBLOCK;
+  if (b < nb / 2 * 2) {
+    const uint8_t byte = row[(b / 2) * QBLOCK + j];
+    return b % 2 ? byte >> 4 : byte & 15;
+  }
+  const uint8_t byte = row[b * (QBLOCK / 2) + j % 16];
+  return j < 16 ? byte & 15 : byte >> 4;
+}
+
+// One quantized row against one quantized activation row: the portable reference of the SIMD loop.
+float qdot_scalar(const Mat& m, int64_t r, const QRows& xq, int64_t t) {
+  const int64_t nb = m.cols / QBLOCK, bpg = m.group / QBLOCK, ng = m.cols / m.group;
+  const int8_t* xc = xq.codes(t);
+  const float* xd = xq.scale(t);
+  float acc = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    int dot = 0;
+    if (m.kind == Q8) {
+      const int8_t* w = static_cast<const int8_t*>(m.w) + r * m.cols;
+      for (int64_t i = b * QBLOCK; i < (b + 1) * QBLOCK; ++i) dot += w[i] * xc[i];
+    } else {
+      const uint8_t* w = static_cast<const uint8_t*>(m.w) + r * (m.cols / 2);
+      for (int64_t i = b * QBLOCK; i < (b + 1) * QBLOCK; ++i) dot += q4_code(w, nb, i) * xc[i];
+    }
+    acc += static_cast<float>(dot) * xd[b] * scale_at(m.scales, r, b / bpg, ng);
+  }
+  return acc;
+}
+
+#ifdef VELOCIS_AVX2
+// The 32 codes of block b of a row, as bytes ready for maddubs (Q4: unsigned 0..15).
+inline __m256i block_codes(const Mat& m, const void* row, int64_t b, int64_t nb) {
+  if (m.kind == Q8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(row) + b * QBLOCK));
+  const uint8_t* p = static_cast<const uint8_t*>(row);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  if (b < nb / 2 * 2) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (b / 2) * QBLOCK));
+    return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(raw, 4) : raw, low);
+  }
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b * (QBLOCK / 2)));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+}
+
+inline __m256 block_dot(const Mat& m, __m256i w, __m256i x) { return m.kind == Q8 ? dot32_s8(w, x) : dot32_u4(w, x); }
+
+// lane i of a [4 floats, same 4 floats] vector, broadcast to all 8 lanes
+#define VELOCIS_LANE(v, i) _mm256_permute_ps(v, _MM_SHUFFLE(i, i, i, i))
+#endif
+
+void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t ostride, int64_t r0, int64_t r1) {
+  const int64_t nb = m.cols / QBLOCK, bpg = m.group / QBLOCK, ng = m.cols / m.group;
+  const int64_t row_bytes = m.kind == Q8 ? m.cols : m.cols / 2;
+  // Q4's zero points: sum_g s_g z_g * (sum over the group's blocks of d_b * sum(codes_b)), per t
+  std::vector<float> zsum(m.kind == Q4 ? T * ng : 0, 0.f);
+  for (int64_t t = 0; t < T && m.kind == Q4; ++t)
+    for (int64_t b = 0; b < nb; ++b) zsum[t * ng + b / bpg] += xq.scaled_sum(t)[b];
+  int64_t r = r0;
+#ifdef VELOCIS_AVX2
+  for (; r + 4 <= r1 && r % 4 == 0; r += 4) {
+    const uint8_t* w0 = static_cast<const uint8_t*>(m.w) + r * row_bytes;
+    const void* w[4] = {w0, w0 + row_bytes, w0 + 2 * row_bytes, w0 + 3 * row_bytes};
+    const float* sc4 = m.scales + (r / 4) * ng * 4;
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* xc = xq.codes(t);
+      const float* xd = xq.scale(t);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      if (bpg == 1) {  // a scale per block: fold the activation's into the 4 rows' at once
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + b * QBLOCK));
+          const __m128 c4 = _mm_mul_ps(_mm_loadu_ps(sc4 + b * 4), _mm_set1_ps(xd[b]));
+          const __m256 c8 = _mm256_set_m128(c4, c4);
+          acc[0] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[0], b, nb), xv), VELOCIS_LANE(c8, 0), acc[0]);
+          acc[1] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[1], b, nb), xv), VELOCIS_LANE(c8, 1), acc[1]);
+          acc[2] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[2], b, nb), xv), VELOCIS_LANE(c8, 2), acc[2]);
+          acc[3] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[3], b, nb), xv), VELOCIS_LANE(c8, 3), acc[3]);
+        }
+      } else {  // several blocks per scale: the activation scales first, the weight scale once per group
+        for (int64_t g = 0; g < ng; ++g) {
+          __m256 ga[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + b * QBLOCK));
+            const __m256 d = _mm256_set1_ps(xd[b]);
+            for (int i = 0; i < 4; ++i) ga[i] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[i], b, nb), xv), d, ga[i]);
+          }
+          const __m128 s4 = _mm_loadu_ps(sc4 + g * 4);
+          const __m256 s8 = _mm256_set_m128(s4, s4);
+          acc[0] = _mm256_fmadd_ps(ga[0], VELOCIS_LANE(s8, 0), acc[0]);
+          acc[1] = _mm256_fmadd_ps(ga[1], VELOCIS_LANE(s8, 1), acc[1]);
+          acc[2] = _mm256_fmadd_ps(ga[2], VELOCIS_LANE(s8, 2), acc[2]);
+          acc[3] = _mm256_fmadd_ps(ga[3], VELOCIS_LANE(s8, 3), acc[3]);
+        }
+      }
+      __m128 res = _mm_setr_ps(hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]));
+      if (m.kind == Q4) {  // minus the 4 rows' zero-point terms, a group at a time
+        const float* sz4 = m.szs + (r / 4) * ng * 4;
+        for (int64_t g = 0; g < ng; ++g)
+          res = _mm_fnmadd_ps(_mm_loadu_ps(sz4 + g * 4), _mm_set1_ps(zsum[t * ng + g]), res);
+      }
+      float s[4];
+      _mm_storeu_ps(s, res);
+      for (int i = 0; i < 4; ++i) out[t * ostride + r + i] = s[i];
+    }
+  }
+#endif
+  for (; r < r1; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      float s = qdot_scalar(m, r, xq, t);
+      if (m.kind == Q4)
+        for (int64_t g = 0; g < ng; ++g) s -= scale_at(m.szs, r, g, ng) * zsum[t * ng + g];
+      out[t * ostride + r] = s;
+    }
+}
+
+void rows_any(const Mat& m, int64_t T, const float* x, int64_t xstride, const QRows* xq, float* out,
+              int64_t ostride, int64_t r0, int64_t r1) {
+  switch (m.kind) {
+    case F32: rows_float<float>(m, T, x, xstride, out, ostride, r0, r1); break;
+    case BF16:
+    case F16: rows_float<uint16_t>(m, T, x, xstride, out, ostride, r0, r1); break;
+    default: rows_quant(m, T, *xq, out, ostride, r0, r1);
+  }
+}
+
+// Several matrices reading the same input (q/k/v, gate/up), their rows split over the team as one
+// list of tasks. Call inside a parallel region: every thread calls it (an `omp for`).
+struct Product {
+  const Mat* m;
+  float* out;  // [T, ostride], this matrix's rows written at out[t * ostride + r]
+  int64_t ostride;
+};
+
+void matvec_team(const std::vector<Product>& products, int64_t T, const float* x, int64_t xstride, const QRows* xq) {
+  std::vector<int64_t> starts{0};  // task index where each product starts
+  for (const auto& p : products) starts.push_back(starts.back() + (p.m->rows + TASK_ROWS - 1) / TASK_ROWS);
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < starts.back(); ++task) {
+    size_t i = 0;
+    while (task >= starts[i + 1]) ++i;
+    const Product& p = products[i];
+    const int64_t r0 = (task - starts[i]) * TASK_ROWS, r1 = std::min(p.m->rows, r0 + TASK_ROWS);
+    rows_any(*p.m, T, x, xstride, xq, p.out, p.ostride, r0, r1);
+  }
+}
+
+// ---- the model -------------------------------------------------------------------------------
+
+struct Layer {
+  const float *attn_norm, *mlp_norm, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm;
+  Mat q, k, v, o, gate, up, down;
+};
+
+struct Model {
+  int64_t H, L, NH, NKV, D, I, V, max_len, embed_kind;
+  float eps;
+  const void* embed;
+  const float* final_norm;
+  Mat head;
+  std::vector<Layer> layers;
+};
+
+const float* vec_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+Mat make_mat(const at::Tensor* ts, const int64_t* meta) {
+  Mat m;
+  m.kind = meta[0], m.rows = meta[1], m.cols = meta[2], m.group = meta[3];
+  TORCH_CHECK(ts[0].is_contiguous(), "decode plan: weights must be contiguous");
+  m.w = ts[0].data_ptr();
+  m.scales = vec_or_null(ts[1]);
+  m.szs = vec_or_null(ts[2]);
+  if (m.quantized()) {
+    TORCH_CHECK(m.cols % QBLOCK == 0 && m.group % QBLOCK == 0 && m.cols % m.group == 0,
+                "decode plan: quantized columns and groups must be multiples of 32");
+    TORCH_CHECK(m.scales && (m.kind == Q8 || m.szs), "decode plan: missing scales");
+  }
+  return m;
+}
+
+// tensors: embed, final_norm, head (w, scales, szs), then per layer: attn_norm, q/k/v/o (3 each),
+// q/k/v bias, q/k norm, mlp_norm, gate/up/down (3 each) -- 28 per layer; empty tensor = absent.
+// meta: H, L, NH, NKV, D, I, V, max_len, embed_kind, then 4 ints (kind, rows, cols, group) for the
+// head and for each layer's q, k, v, o, gate, up, down.
+constexpr int64_t PER_LAYER = 28, GLOBAL = 5, META = 9;
+
+Model make_model(const std::vector<at::Tensor>& ts, const std::vector<int64_t>& meta, double eps) {
+  Model md;
+  md.H = meta[0], md.L = meta[1], md.NH = meta[2], md.NKV = meta[3], md.D = meta[4], md.I = meta[5];
+  md.V = meta[6], md.max_len = meta[7], md.embed_kind = meta[8];
+  md.eps = static_cast<float>(eps);
+  TORCH_CHECK(static_cast<int64_t>(ts.size()) == GLOBAL + PER_LAYER * md.L, "decode plan: wrong tensor count");
+  TORCH_CHECK(static_cast<int64_t>(meta.size()) == META + 4 * (1 + 7 * md.L), "decode plan: wrong meta length");
+  md.embed = ts[0].data_ptr();
+  md.final_norm = ts[1].data_ptr<float>();
+  md.head = make_mat(&ts[2], &meta[META]);
+  for (int64_t l = 0; l < md.L; ++l) {
+    const at::Tensor* t = &ts[GLOBAL + l * PER_LAYER];
+    const int64_t* mm = &meta[META + 4 + l * 28];
+    Layer y;
+    y.attn_norm = t[0].data_ptr<float>();
+    y.q = make_mat(t + 1, mm), y.k = make_mat(t + 4, mm + 4), y.v = make_mat(t + 7, mm + 8);
+    y.o = make_mat(t + 10, mm + 12);
+    y.q_bias = vec_or_null(t[13]), y.k_bias = vec_or_null(t[14]), y.v_bias = vec_or_null(t[15]);
+    y.q_norm = vec_or_null(t[16]), y.k_norm = vec_or_null(t[17]);
+    y.mlp_norm = t[18].data_ptr<float>();
+    y.gate = make_mat(t + 19, mm + 16), y.up = make_mat(t + 22, mm + 20), y.down = make_mat(t + 25, mm + 24);
+    md.layers.push_back(y);
+  }
+  return md;
+}
+
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t T, int64_t n, float eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * n;
+    float ss = 0.f;
+    for (int64_t j = 0; j < n; ++j) ss += xr[j] * xr[j];
+    const float r = 1.f / std::sqrt(ss / n + eps);
+    for (int64_t j = 0; j < n; ++j) y[t * n + j] = xr[j] * r * w[j];
+  }
+}
+
+// rotate_half RoPE with full-width tables: out[i] = x[i] cos[i] - x[i+D/2] sin[i], and
+// out[i+D/2] = x[i+D/2] cos[i+D/2] + x[i] sin[i+D/2]
+void rope_head(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+bool any_quantized(std::initializer_list<const Mat*> ms) {
+  for (const Mat* m : ms)
+    if (m->quantized()) return true;
+  return false;
+}
+
+// tokens [T] at positions start..start+T-1 -> logits of the last one [V]; writes k/v [L, NKV,
+// max_len, D] at those positions.
+at::Tensor decode_chunk(const at::Tensor& tokens, int64_t start, const std::vector<at::Tensor>& tensors,
+                        const std::vector<int64_t>& meta, double eps, at::Tensor kcache, at::Tensor vcache,
+                        const at::Tensor& cos, const at::Tensor& sin) {
+  const Model md = make_model(tensors, meta, eps);
+  const int64_t T = tokens.numel(), H = md.H, NH = md.NH, NKV = md.NKV, D = md.D, I = md.I;
+  TORCH_CHECK(kcache.dim() == 4 && kcache.sizes() == vcache.sizes() && kcache.is_contiguous() &&
+              vcache.is_contiguous() && kcache.scalar_type() == at::kFloat && vcache.scalar_type() == at::kFloat &&
+              kcache.size(0) == md.L && kcache.size(1) == md.NKV && kcache.size(3) == md.D,
+              "decode_chunk: caches must be contiguous fp32 [layers, kv_heads, slots, head_dim]");
+  const int64_t slots = kcache.size(2);
+  TORCH_CHECK(T > 0 && start >= 0 && start + T <= std::min(slots, cos.size(0)), "decode_chunk: positions ", start,
+              "..", start + T - 1, " are outside the cache (", slots, " slots) or the model's context (",
+              cos.size(0), ")");
+  const int64_t QD = NH * D, KD = NKV * D, group = NH / NKV;
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(tok[t] >= 0 && tok[t] < md.V, "decode_chunk: token id ", tok[t], " is outside the vocabulary");
+  std::vector<float> x(T * H), xn(T * H), q(T * QD), k(T * KD), v(T * KD), att(T * QD), tmp(T * H),
+      gate(T * I), up(T * I), logits_f(md.V);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < H; ++j)
+      x[t * H + j] = md.embed_kind == F32 ? static_cast<const float*>(md.embed)[tok[t] * H + j]
+                                          : widen(static_cast<const uint16_t*>(md.embed)[tok[t] * H + j], md.embed_kind);
+  float *K = kcache.data_ptr<float>(), *Vc = vcache.data_ptr<float>();
+  const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  QRows xq;
+  const int nt = std::max(1, at::get_num_threads());
+
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> scores(start + T);
+    for (const Layer& y : md.layers) {
+      const int64_t lk = (&y - md.layers.data()) * NKV * slots * D;
+#pragma omp single
+      {
+        rms_norm_rows(x.data(), y.attn_norm, xn.data(), T, H, md.eps);
+        if (any_quantized({&y.q, &y.k, &y.v})) xq.quantize(xn.data(), T, H);
+      }
+      matvec_team({{&y.q, q.data(), QD}, {&y.k, k.data(), KD}, {&y.v, v.data(), KD}}, T, xn.data(), H, &xq);
+#pragma omp single
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t p = start + t;
+        float *qt = &q[t * QD], *kt = &k[t * KD], *vt = &v[t * KD];
+        if (y.q_bias) for (int64_t j = 0; j < QD; ++j) qt[j] += y.q_bias[j];
+        if (y.k_bias) for (int64_t j = 0; j < KD; ++j) kt[j] += y.k_bias[j];
+        if (y.v_bias) for (int64_t j = 0; j < KD; ++j) vt[j] += y.v_bias[j];
+        if (y.q_norm) rms_norm_rows(qt, y.q_norm, qt, NH, D, md.eps);
+        if (y.k_norm) rms_norm_rows(kt, y.k_norm, kt, NKV, D, md.eps);
+        for (int64_t h = 0; h < NH; ++h) rope_head(qt + h * D, cs + p * D, sn + p * D, D);
+        for (int64_t h = 0; h < NKV; ++h) {
+          rope_head(kt + h * D, cs + p * D, sn + p * D, D);
+          std::memcpy(K + lk + (h * slots + p) * D, kt + h * D, D * sizeof(float));
+          std::memcpy(Vc + lk + (h * slots + p) * D, vt + h * D, D * sizeof(float));
+        }
+      }
+#pragma omp for schedule(static) collapse(2)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < NH; ++h) {
+          const int64_t n = start + t + 1;  // causal: slots 0..p
+          const float* qh = &q[t * QD + h * D];
+          const float* Kh = K + lk + (h / group) * slots * D;
+          const float* Vh = Vc + lk + (h / group) * slots * D;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) {
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < D; ++i) s += qh[i] * Kh[j * D + i];
+            scores[j] = s * scale;
+            mx = std::max(mx, scores[j]);
+          }
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+          float* o = &att[t * QD + h * D];
+          std::fill(o, o + D, 0.f);
+          for (int64_t j = 0; j < n; ++j) {
+            const float pj = scores[j] / sum;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) o[i] += pj * Vh[j * D + i];
+          }
+        }
+#pragma omp single
+      if (y.o.quantized()) xq.quantize(att.data(), T, QD);
+      matvec_team({{&y.o, tmp.data(), H}}, T, att.data(), QD, &xq);
+#pragma omp single
+      {
+        for (int64_t j = 0; j < T * H; ++j) x[j] += tmp[j];
+        rms_norm_rows(x.data(), y.mlp_norm, xn.data(), T, H, md.eps);
+        if (any_quantized({&y.gate, &y.up})) xq.quantize(xn.data(), T, H);
+      }
+      matvec_team({{&y.gate, gate.data(), I}, {&y.up, up.data(), I}}, T, xn.data(), H, &xq);
+#pragma omp single
+      {
+        for (int64_t j = 0; j < T * I; ++j) gate[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
+        if (y.down.quantized()) xq.quantize(gate.data(), T, I);
+      }
+      matvec_team({{&y.down, tmp.data(), H}}, T, gate.data(), I, &xq);
+#pragma omp single
+      for (int64_t j = 0; j < T * H; ++j) x[j] += tmp[j];
+    }
+#pragma omp single
+    {
+      rms_norm_rows(&x[(T - 1) * H], md.final_norm, xn.data(), 1, H, md.eps);
+      if (md.head.quantized()) xq.quantize(xn.data(), 1, H);
+    }
+    matvec_team({{&md.head, logits_f.data(), md.V}}, 1, xn.data(), H, &xq);
+  }
+  at::Tensor logits = at::empty({md.V}, at::kFloat);
+  std::memcpy(logits.data_ptr<float>(), logits_f.data(), md.V * sizeof(float));
+  return logits;
+}
+
+// One matrix against rows x [T, cols] -> [T, rows]: the kernels alone, for tests and QuantLinear.
+at::Tensor matvec(const at::Tensor& x, int64_t kind, const at::Tensor& w, const at::Tensor& scales,
+                  const at::Tensor& szs, int64_t rows, int64_t cols, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.scalar_type() == at::kFloat, "matvec: x must be fp32 [T, ", cols, "]");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor ts[3] = {w.contiguous(), scales, szs};
+  const int64_t meta[4] = {kind, rows, cols, group};
+  const Mat m = make_mat(ts, meta);
+  const int64_t T = xc.size(0);
+  at::Tensor out = at::empty({T, rows}, at::kFloat);
+  QRows xq;
+  if (m.quantized()) xq.quantize(xc.data_ptr<float>(), T, cols);
+  const int nt = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nt)
+  matvec_team({{&m, out.data_ptr<float>(), rows}}, T, xc.data_ptr<float>(), cols, &xq);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(velocis_cpu, m) {
+  m.def("decode_chunk(Tensor tokens, int start, Tensor[] tensors, int[] meta, float eps, Tensor(a!) kcache, "
+        "Tensor(b!) vcache, Tensor cos, Tensor sin) -> Tensor");
+  m.def("matvec(Tensor x, int kind, Tensor w, Tensor scales, Tensor szs, int rows, int cols, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(velocis_cpu, CPU, m) {
+  m.impl("decode_chunk", decode_chunk);
+  m.impl("matvec", matvec);
+}
