@@ -129,7 +129,9 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
         return
     plan = decode_plan(model) if B == 1 else None
     if plan is not None:  # one C++ call per token (kernels/decode_cpu.py): what batch-1 CPU decoding is bound by
-        yield from _generate_planned(plan, rows[0], max_new_tokens, pick, stop)
+        yield from _generate_planned(plan, rows[0], max_new_tokens,
+                                     lambda logits: sample(logits, temperature, top_k, top_p, generator),
+                                     set(stop_ids or ()))
         return
     ids = torch.full((B, T), pad, dtype=torch.long, device=device)
     ids.fill_(filler)  # right padding: written to the cache, never visible, overwritten
@@ -152,13 +154,14 @@ def generate_ids(model, prompts, max_new_tokens: int, temperature: float = 0.0,
         logits = model(feed[:, None], cache=cache)[:, -1]
 
 
-def _generate_planned(plan, prompt: list[int], max_new_tokens: int, pick, stop: torch.Tensor) -> Iterator[torch.Tensor]:
+def _generate_planned(plan, prompt: list[int], max_new_tokens: int, sample_row, stop: set[int]) -> Iterator[torch.Tensor]:
+    """One row through a C++ decode plan: a prefill call, then one call per token."""
     cache = plan.new_cache(len(prompt) + max_new_tokens)
     logits = plan.forward(prompt, 0, cache)
     for i in range(max_new_tokens):
-        nxt = pick(logits[None])
+        nxt = sample_row(logits[None])
         yield nxt
-        if i == max_new_tokens - 1 or bool(torch.isin(nxt, stop).any()):
+        if i == max_new_tokens - 1 or int(nxt) in stop:
             return
         logits = plan.forward(nxt, len(prompt) + i, cache)
 

@@ -172,6 +172,15 @@ class DecodePlan:
         cos, sin = rotary(torch.arange(self.max_len), torch.float32)
         self.cos, self.sin = cos.contiguous(), sin.contiguous()
         self.ops = cpu_ops.ops()
+        self.handle = self.ops.decode_plan_new(tensors, meta, self.eps)  # the C++ side keeps the tensors
+
+    def __del__(self):
+        handle, ops = getattr(self, "handle", None), getattr(self, "ops", None)
+        if handle is not None and ops is not None:
+            try:
+                ops.decode_plan_free(handle)
+            except Exception:  # interpreter shutdown: the registry goes with the process
+                pass
 
     def new_cache(self, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [layers, kv_heads, max_len, head_dim] (fp32), max_len defaulting to the
@@ -182,10 +191,10 @@ class DecodePlan:
     def forward(self, tokens, start: int, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Tokens (ids) at positions start, start+1, ... -> the last one's logits [vocab] (fp32)."""
         ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-        logits = None
+        if len(ids) <= CHUNK:
+            return self.ops.decode_chunk(self.handle, ids, start, cache[0], cache[1], self.cos, self.sin)
         for s in range(0, len(ids), CHUNK):
-            chunk = ids[s:s + CHUNK].contiguous()
-            logits = self.ops.decode_chunk(chunk, start + s, self.tensors, self.meta, self.eps, cache[0], cache[1],
+            logits = self.ops.decode_chunk(self.handle, ids[s:s + CHUNK].contiguous(), start + s, cache[0], cache[1],
                                            self.cos, self.sin)
         return logits
 

@@ -30,7 +30,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -338,6 +341,7 @@ struct Layer {
 struct Model {
   int64_t H, L, NH, NKV, D, I, V, max_len, embed_kind;
   float eps;
+  std::vector<at::Tensor> keep;  // the tensors the pointers below point into
   const void* embed;
   const float* final_norm;
   Mat head;
@@ -372,6 +376,7 @@ Model make_model(const std::vector<at::Tensor>& ts, const std::vector<int64_t>& 
   md.H = meta[0], md.L = meta[1], md.NH = meta[2], md.NKV = meta[3], md.D = meta[4], md.I = meta[5];
   md.V = meta[6], md.max_len = meta[7], md.embed_kind = meta[8];
   md.eps = static_cast<float>(eps);
+  md.keep = ts;
   TORCH_CHECK(static_cast<int64_t>(ts.size()) == GLOBAL + PER_LAYER * md.L, "decode plan: wrong tensor count");
   TORCH_CHECK(static_cast<int64_t>(meta.size()) == META + 4 * (1 + 7 * md.L), "decode plan: wrong meta length");
   md.embed = ts[0].data_ptr();
@@ -420,12 +425,69 @@ bool any_quantized(std::initializer_list<const Mat*> ms) {
   return false;
 }
 
+// gate and up rows [r0, r1) together, then h = silu(gate) * up for those rows: the SwiGLU needs no
+// pass (or barrier) of its own. Call inside a parallel region (an `omp for`).
+void swiglu_team(const Mat& gate, const Mat& up, int64_t T, const float* x, int64_t xstride, const QRows* xq,
+                 float* g, float* u, float* h) {
+  const int64_t I = gate.rows, tasks = (I + TASK_ROWS - 1) / TASK_ROWS;
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t r0 = task * TASK_ROWS, r1 = std::min(I, r0 + TASK_ROWS);
+    rows_any(gate, T, x, xstride, xq, g, I, r0, r1);
+    rows_any(up, T, x, xstride, xq, u, I, r0, r1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = r0; r < r1; ++r) {
+        const float a = g[t * I + r];
+        h[t * I + r] = a / (1.f + std::exp(-a)) * u[t * I + r];
+      }
+  }
+}
+
+// What each thread of the team keeps to itself: the residual stream and the normed, quantized
+// inputs of the next product. Every thread computes these small vectors redundantly instead of
+// one computing them while the others wait at two barriers.
+struct Private {
+  std::vector<float> x, xn, kr, qh, scores;
+  QRows xq;
+};
+
+// Norm x into xn and quantize it if a consumer is quantized.
+void prepare(Private& p, const float* w, int64_t T, int64_t H, float eps, bool quantized) {
+  rms_norm_rows(p.x.data(), w, p.xn.data(), T, H, eps);
+  if (quantized) p.xq.quantize(p.xn.data(), T, H);
+}
+
 // tokens [T] at positions start..start+T-1 -> logits of the last one [V]; writes k/v [L, NKV,
-// max_len, D] at those positions.
-at::Tensor decode_chunk(const at::Tensor& tokens, int64_t start, const std::vector<at::Tensor>& tensors,
-                        const std::vector<int64_t>& meta, double eps, at::Tensor kcache, at::Tensor vcache,
+// slots, D] at those positions. Barriers per layer: after q/k/v, attention, o, gate/up, down.
+// Plans are built once (decode_plan_new) and named by a handle: a step then passes no weight list
+// through the dispatcher (~100 us per call for a 12-layer model's 341 tensors).
+std::mutex plans_mutex;
+std::unordered_map<int64_t, std::shared_ptr<const Model>> plans;
+int64_t next_plan = 1;
+
+int64_t decode_plan_new(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta, double eps) {
+  auto md = std::make_shared<const Model>(make_model(tensors, meta, eps));
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  plans[next_plan] = md;
+  return next_plan++;
+}
+
+void decode_plan_free(int64_t handle) {
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  plans.erase(handle);
+}
+
+std::shared_ptr<const Model> plan_of(int64_t handle) {
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  auto it = plans.find(handle);
+  TORCH_CHECK(it != plans.end(), "decode plan ", handle, " does not exist (freed?)");
+  return it->second;
+}
+
+at::Tensor decode_chunk(int64_t plan, const at::Tensor& tokens, int64_t start, at::Tensor kcache, at::Tensor vcache,
                         const at::Tensor& cos, const at::Tensor& sin) {
-  const Model md = make_model(tensors, meta, eps);
+  const std::shared_ptr<const Model> held = plan_of(plan);
+  const Model& md = *held;
   const int64_t T = tokens.numel(), H = md.H, NH = md.NH, NKV = md.NKV, D = md.D, I = md.I;
   TORCH_CHECK(kcache.dim() == 4 && kcache.sizes() == vcache.sizes() && kcache.is_contiguous() &&
               vcache.is_contiguous() && kcache.scalar_type() == at::kFloat && vcache.scalar_type() == at::kFloat &&
@@ -439,95 +501,92 @@ at::Tensor decode_chunk(const at::Tensor& tokens, int64_t start, const std::vect
   const int64_t* tok = tokens.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(tok[t] >= 0 && tok[t] < md.V, "decode_chunk: token id ", tok[t], " is outside the vocabulary");
-  std::vector<float> x(T * H), xn(T * H), q(T * QD), k(T * KD), v(T * KD), att(T * QD), tmp(T * H),
-      gate(T * I), up(T * I), logits_f(md.V);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < H; ++j)
-      x[t * H + j] = md.embed_kind == F32 ? static_cast<const float*>(md.embed)[tok[t] * H + j]
-                                          : widen(static_cast<const uint16_t*>(md.embed)[tok[t] * H + j], md.embed_kind);
+  // shared: the products' outputs, each row written by one thread
+  std::vector<float> q(T * QD), k(T * KD), v(T * KD), att(T * QD), tmp(T * H), gate(T * I), up(T * I),
+      hidden(T * I), logits_f(md.V);
   float *K = kcache.data_ptr<float>(), *Vc = vcache.data_ptr<float>();
   const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  QRows xq;
   const int nt = std::max(1, at::get_num_threads());
 
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> scores(start + T);
-    for (const Layer& y : md.layers) {
-      const int64_t lk = (&y - md.layers.data()) * NKV * slots * D;
-#pragma omp single
-      {
-        rms_norm_rows(x.data(), y.attn_norm, xn.data(), T, H, md.eps);
-        if (any_quantized({&y.q, &y.k, &y.v})) xq.quantize(xn.data(), T, H);
-      }
-      matvec_team({{&y.q, q.data(), QD}, {&y.k, k.data(), KD}, {&y.v, v.data(), KD}}, T, xn.data(), H, &xq);
-#pragma omp single
+    Private p;
+    p.x.resize(T * H), p.xn.resize(T * H), p.kr.resize(T * KD), p.qh.resize(D), p.scores.resize(start + T);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < H; ++j)
+        p.x[t * H + j] = md.embed_kind == F32 ? static_cast<const float*>(md.embed)[tok[t] * H + j]
+                                              : widen(static_cast<const uint16_t*>(md.embed)[tok[t] * H + j],
+                                                      md.embed_kind);
+    for (size_t l = 0; l < md.layers.size(); ++l) {
+      const Layer& y = md.layers[l];
+      const int64_t lk = static_cast<int64_t>(l) * NKV * slots * D;
+      prepare(p, y.attn_norm, T, H, md.eps, any_quantized({&y.q, &y.k, &y.v}));
+      matvec_team({{&y.q, q.data(), QD}, {&y.k, k.data(), KD}, {&y.v, v.data(), KD}}, T, p.xn.data(), H, &p.xq);
+      // this chunk's keys, biased, normed and rotated (every thread its own copy); v in place is final
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t p = start + t;
-        float *qt = &q[t * QD], *kt = &k[t * KD], *vt = &v[t * KD];
-        if (y.q_bias) for (int64_t j = 0; j < QD; ++j) qt[j] += y.q_bias[j];
+        float* kt = &p.kr[t * KD];
+        std::memcpy(kt, &k[t * KD], KD * sizeof(float));
         if (y.k_bias) for (int64_t j = 0; j < KD; ++j) kt[j] += y.k_bias[j];
-        if (y.v_bias) for (int64_t j = 0; j < KD; ++j) vt[j] += y.v_bias[j];
-        if (y.q_norm) rms_norm_rows(qt, y.q_norm, qt, NH, D, md.eps);
         if (y.k_norm) rms_norm_rows(kt, y.k_norm, kt, NKV, D, md.eps);
-        for (int64_t h = 0; h < NH; ++h) rope_head(qt + h * D, cs + p * D, sn + p * D, D);
-        for (int64_t h = 0; h < NKV; ++h) {
-          rope_head(kt + h * D, cs + p * D, sn + p * D, D);
-          std::memcpy(K + lk + (h * slots + p) * D, kt + h * D, D * sizeof(float));
-          std::memcpy(Vc + lk + (h * slots + p) * D, vt + h * D, D * sizeof(float));
-        }
+        for (int64_t h = 0; h < NKV; ++h) rope_head(kt + h * D, cs + (start + t) * D, sn + (start + t) * D, D);
       }
+#pragma omp master
+      for (int64_t t = 0; t < T; ++t)  // nobody reads these slots in this call: no barrier needed
+        for (int64_t h = 0; h < NKV; ++h) {
+          const int64_t at_slot = lk + (h * slots + start + t) * D;
+          std::memcpy(K + at_slot, &p.kr[t * KD + h * D], D * sizeof(float));
+          for (int64_t j = 0; j < D; ++j) Vc[at_slot + j] = v[t * KD + h * D + j] + (y.v_bias ? y.v_bias[h * D + j] : 0.f);
+        }
 #pragma omp for schedule(static) collapse(2)
       for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < NH; ++h) {
-          const int64_t n = start + t + 1;  // causal: slots 0..p
-          const float* qh = &q[t * QD + h * D];
-          const float* Kh = K + lk + (h / group) * slots * D;
-          const float* Vh = Vc + lk + (h / group) * slots * D;
+          const int64_t pos = start + t, kvh = h / group;
+          float* qh = p.qh.data();
+          std::memcpy(qh, &q[t * QD + h * D], D * sizeof(float));
+          if (y.q_bias) for (int64_t j = 0; j < D; ++j) qh[j] += y.q_bias[h * D + j];
+          if (y.q_norm) rms_norm_rows(qh, y.q_norm, qh, 1, D, md.eps);
+          rope_head(qh, cs + pos * D, sn + pos * D, D);
+          // slots before the chunk from the cache, the chunk's own (up to this token) from kr / v
+          auto key = [&](int64_t j) { return j < start ? K + lk + (kvh * slots + j) * D : &p.kr[(j - start) * KD + kvh * D]; };
           float mx = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) {
+          for (int64_t j = 0; j <= pos; ++j) {
+            const float* kj = key(j);
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += qh[i] * Kh[j * D + i];
-            scores[j] = s * scale;
-            mx = std::max(mx, scores[j]);
+            for (int64_t i = 0; i < D; ++i) s += qh[i] * kj[i];
+            p.scores[j] = s * scale;
+            mx = std::max(mx, p.scores[j]);
           }
           float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+          for (int64_t j = 0; j <= pos; ++j) sum += (p.scores[j] = std::exp(p.scores[j] - mx));
           float* o = &att[t * QD + h * D];
           std::fill(o, o + D, 0.f);
-          for (int64_t j = 0; j < n; ++j) {
-            const float pj = scores[j] / sum;
+          for (int64_t j = 0; j <= pos; ++j) {
+            const float pj = p.scores[j] / sum;
+            if (j < start) {
+              const float* vj = Vc + lk + (kvh * slots + j) * D;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) o[i] += pj * Vh[j * D + i];
+              for (int64_t i = 0; i < D; ++i) o[i] += pj * vj[i];
+            } else {
+              const float* vj = &v[(j - start) * KD + kvh * D];
+              const float* vb = y.v_bias ? y.v_bias + kvh * D : nullptr;
+              for (int64_t i = 0; i < D; ++i) o[i] += pj * (vj[i] + (vb ? vb[i] : 0.f));
+            }
           }
         }
-#pragma omp single
-      if (y.o.quantized()) xq.quantize(att.data(), T, QD);
-      matvec_team({{&y.o, tmp.data(), H}}, T, att.data(), QD, &xq);
-#pragma omp single
-      {
-        for (int64_t j = 0; j < T * H; ++j) x[j] += tmp[j];
-        rms_norm_rows(x.data(), y.mlp_norm, xn.data(), T, H, md.eps);
-        if (any_quantized({&y.gate, &y.up})) xq.quantize(xn.data(), T, H);
-      }
-      matvec_team({{&y.gate, gate.data(), I}, {&y.up, up.data(), I}}, T, xn.data(), H, &xq);
-#pragma omp single
-      {
-        for (int64_t j = 0; j < T * I; ++j) gate[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
-        if (y.down.quantized()) xq.quantize(gate.data(), T, I);
-      }
-      matvec_team({{&y.down, tmp.data(), H}}, T, gate.data(), I, &xq);
-#pragma omp single
-      for (int64_t j = 0; j < T * H; ++j) x[j] += tmp[j];
+      if (y.o.quantized()) p.xq.quantize(att.data(), T, QD);
+      matvec_team({{&y.o, tmp.data(), H}}, T, att.data(), QD, &p.xq);
+      for (int64_t j = 0; j < T * H; ++j) p.x[j] += tmp[j];
+      prepare(p, y.mlp_norm, T, H, md.eps, any_quantized({&y.gate, &y.up}));
+      swiglu_team(y.gate, y.up, T, p.xn.data(), H, &p.xq, gate.data(), up.data(), hidden.data());
+      if (y.down.quantized()) p.xq.quantize(hidden.data(), T, I);
+      matvec_team({{&y.down, tmp.data(), H}}, T, hidden.data(), I, &p.xq);
+      for (int64_t j = 0; j < T * H; ++j) p.x[j] += tmp[j];
     }
-#pragma omp single
-    {
-      rms_norm_rows(&x[(T - 1) * H], md.final_norm, xn.data(), 1, H, md.eps);
-      if (md.head.quantized()) xq.quantize(xn.data(), 1, H);
-    }
-    matvec_team({{&md.head, logits_f.data(), md.V}}, 1, xn.data(), H, &xq);
+    rms_norm_rows(&p.x[(T - 1) * H], md.final_norm, p.xn.data(), 1, H, md.eps);
+    if (md.head.quantized()) p.xq.quantize(p.xn.data(), 1, H);
+    matvec_team({{&md.head, logits_f.data(), md.V}}, 1, p.xn.data(), H, &p.xq);
   }
   at::Tensor logits = at::empty({md.V}, at::kFloat);
   std::memcpy(logits.data_ptr<float>(), logits_f.data(), md.V * sizeof(float));
@@ -555,8 +614,10 @@ at::Tensor matvec(const at::Tensor& x, int64_t kind, const at::Tensor& w, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(velocis_cpu, m) {
-  m.def("decode_chunk(Tensor tokens, int start, Tensor[] tensors, int[] meta, float eps, Tensor(a!) kcache, "
-        "Tensor(b!) vcache, Tensor cos, Tensor sin) -> Tensor");
+  m.def("decode_plan_new(Tensor[] tensors, int[] meta, float eps) -> int", decode_plan_new);
+  m.def("decode_plan_free(int plan) -> ()", decode_plan_free);
+  m.def("decode_chunk(int plan, Tensor tokens, int start, Tensor(a!) kcache, Tensor(b!) vcache, Tensor cos, "
+        "Tensor sin) -> Tensor");
   m.def("matvec(Tensor x, int kind, Tensor w, Tensor scales, Tensor szs, int rows, int cols, int group) -> Tensor");
 }
 
