@@ -168,3 +168,29 @@ def test_quantized_width_not_a_multiple_of_32_falls_back(one_thread):
     quantize_model(model, bits=8, group_size=None)
     assert "multiple of 32" in decode_cpu.why_not(model)
     assert len(list(generate_ids(model, [[1, 2, 3]], 3))) == 3
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int4"]])
+def test_bench_decode_cli_prints_tokens_per_second_last(tmp_path, capsys, extra, one_thread):
+    import re
+
+    from velocis.cli import main
+    from velocis.model_io import save_model
+
+    save_model(VelocisModel(tiny()), None, tmp_path / "m")
+    assert main(["bench", "decode", "--model", str(tmp_path / "m"), "--new-tokens", "6", "--rounds", "2",
+                 *extra]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "C++ decode kernel" in out[1] and ("int4" in out[0]) == bool(extra)
+    assert re.fullmatch(r"tokens/s: \d+\.\d", out[-1])
+
+
+def test_bench_decode_cli_bad_flags_are_one_line(tmp_path, capsys):
+    from velocis.cli import main
+    from velocis.model_io import save_model
+
+    save_model(VelocisModel(tiny()), None, tmp_path / "m")
+    assert main(["bench", "decode", "--model", str(tmp_path / "m"), "--new-tokens", "0"]) == 2
+    assert "--new-tokens must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "decode", "--model", str(tmp_path / "m"), "--new-tokens", "1000"]) == 2
+    assert "context" in capsys.readouterr().err

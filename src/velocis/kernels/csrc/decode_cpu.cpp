@@ -106,16 +106,22 @@ inline __m256 load8(const uint16_t* p, int64_t kind) {
   if (kind == F16) return _mm256_cvtph_ps(h);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-// 32 products of int8 pairs, summed pairwise into 8 int32 lanes, as floats. maddubs multiplies
-// unsigned by signed bytes: signed weights move their sign onto the activation first.
+// 32 products of unsigned by signed bytes, summed in fours into 8 int32 lanes: one VNNI instruction
+// where the CPU has it, else maddubs (pairs into int16; our codes never saturate it) + madd.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// signed weights move their sign onto the activation first (|w| * (sign(w) x))
 inline __m256 dot32_s8(__m256i w, __m256i x) {
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  return _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));
 }
-inline __m256 dot32_u4(__m256i u, __m256i x) {  // codes 0..15 are already unsigned
-  const __m256i p16 = _mm256_maddubs_epi16(u, x);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-}
+inline __m256 dot32_u4(__m256i u, __m256i x) { return _mm256_cvtepi32_ps(dot_u8s8(u, x)); }  // codes 0..15
 #endif
 
 // ---- one matrix, rows [r0, r1), against T activation rows: out[t * ostride + r] -----------------
