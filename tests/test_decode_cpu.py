@@ -194,3 +194,10 @@ def test_bench_decode_cli_bad_flags_are_one_line(tmp_path, capsys):
     assert "--new-tokens must be a positive integer" in capsys.readouterr().err
     assert main(["bench", "decode", "--model", str(tmp_path / "m"), "--new-tokens", "1000"]) == 2
     assert "context" in capsys.readouterr().err
+
+
+def test_a_model_made_under_inference_mode_decodes(one_thread):
+    with torch.inference_mode():  # inference tensors keep no version counter
+        model = VelocisModel(tiny()).eval()
+    assert decode_cpu.decode_plan(model) is not None
+    assert len(list(generate_ids(model, [[1, 2, 3]], 4))) == 4

@@ -112,8 +112,16 @@ def decode_plan(model: nn.Module) -> "DecodePlan | None":
         return None
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (made under inference_mode) keeps no version counter
+        return -1
+
+
 def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
+    """Changes when a weight is replaced or modified in place (the plan holds copies of some)."""
+    return tuple((t.data_ptr(), _version(t)) for t in model.state_dict(keep_vars=True).values())
 
 
 def _plan(model: nn.Module) -> "DecodePlan":
