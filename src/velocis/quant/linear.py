@@ -15,7 +15,9 @@ Reference semantics (the contract a kernel must meet):
 where dequantize() computes scale * (code - zero) in fp32 and casts once to the compute dtype.
 Weight-only: activations are never quantized, so no integer matmul of torch's is exact here
 (torch._int_mm multiplies int8 by int8); the reference dequantizes, and costs a dequantization of
-the whole weight per call: speed is the kernels' job, not this module's.
+the whole weight per call: speed is the kernels' job, not this module's. On CUDA, QuantLinear
+runs velocis.quant.triton_matmul's kernel instead (held to this reference; inference only, since
+it has no backward), unless VELOCIS_TRITON=0 or triton is missing.
 
 `.weight` is the dequantized weight in the module's compute dtype (the model's float dtype; it
 follows `model.to(dtype)`): code that reads a projection's weight directly (MLA's absorbed decode
@@ -111,6 +113,11 @@ class QuantLinear(QuantWeight):
         b = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
+        if x.is_cuda and not _needs_grad(x, b):  # the GPU kernel (inference only; VELOCIS_TRITON=0 turns it off)
+            from velocis.quant import triton_matmul
+
+            if triton_matmul.enabled() and triton_matmul.supports(x):
+                return triton_matmul.quant_linear(x, self, b)
         return F.linear(x, self.dequantize(x.dtype), b)
 
     @classmethod
@@ -123,6 +130,11 @@ class QuantLinear(QuantWeight):
         if linear.bias is not None:
             m.bias.copy_(linear.bias)
         return m
+
+
+def _needs_grad(x: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Autograd would record this call (the Triton kernel has no backward)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad))
 
 
 class Int8Linear(QuantLinear):
