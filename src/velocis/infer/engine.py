@@ -19,6 +19,10 @@ budget in bytes or as a fraction of free memory. Each step the scheduler
 Identical prompt prefixes share refcounted blocks (prefix caching, LRU eviction). Sampling is per
 request (infer/sampling.py): parameters, seeds and stop conditions belong to the request, never to
 its batch company, so greedy outputs equal each request run alone.
+Where every layer is attention (no drafting), steps 1 and 2 are one packed forward: the decode
+tokens and prompt chunks back to back in a single row (vLLM's layout; infer/paged.py). Attention
+then reads a per-sequence contiguous working copy of the K/V that the blocks hold, grown as
+sequences lengthen; it is outside the block budget (at most max_num_seqs x longest sequence).
 
 Speculative decoding (draft_model=...): a small model with the same vocabulary drafts k tokens
 per running sequence, the target verifies them in one forward of k+1 positions, and the
@@ -32,6 +36,7 @@ logprobs decode without drafts. Prefix caching is off while drafting.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
@@ -81,6 +86,7 @@ class _Seq:
     hidden: list = field(default_factory=list)  # drafting from the model itself: target hidden states from draft_computed on
     matcher: object = None  # structured output: the grammar state (infer/structured.py), masks every step
     registered: int = 0  # full blocks entered into the prefix cache
+    slot: int | None = None  # while running: its row of the packed steps' working copy (infer/paged.py)
     text: str = ""
     streamed: int = 0  # characters of text already returned as deltas
     finish_reason: str | None = None
@@ -159,6 +165,11 @@ class Engine:
             self.prefix_caching = False
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
+        self.free_slots = list(range(max_num_seqs))  # a heap: running sequences take the lowest
+        # one packed forward per step (infer/paged.py) when every layer's attention takes it; drafting
+        # keeps the padded forwards (its verification reads the blocks)
+        self.packed = self.draft is None and self.mtp is None and all(
+            getattr(b.mixer, "packed_attention", False) for b in model.layers)
         self.eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         if self.eos is None:
             self.eos = model.config.eos_token_id
@@ -246,6 +257,9 @@ class Engine:
     def _free(self, seq: _Seq) -> None:
         for b in seq.blocks:
             self.allocator.release(b)
+        if seq.slot is not None:
+            heapq.heappush(self.free_slots, seq.slot)
+            seq.slot = None
         seq.blocks, seq.num_computed, seq.registered, seq.draft_computed, seq.hidden = [], 0, 0, 0, []
 
     def _preempt(self) -> _Seq:
@@ -283,7 +297,8 @@ class Engine:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        """One scheduler iteration: a batched decode of the running sequences, then prompt chunks."""
+        """One scheduler iteration: every running sequence's next token and prompt chunks (up to
+        max_prefill_tokens), in one packed forward where the model allows it."""
         outputs: list[Output] = []
         decode = [s for s in self.running if s.decoding]
         for seq in sorted(decode, key=lambda s: s.arrival):  # oldest first: preemption takes the newest
@@ -292,24 +307,51 @@ class Engine:
                     break
         decode = [s for s in decode if s in self.running]
         drafted = [s for s in decode if self._drafts(s)]
-        plain = [s for s in decode if s not in drafted]
         if drafted:
             outputs += self._speculate(drafted)
-        if plain:
-            outputs += self._forward(plain, [s.tokens[-1:] for s in plain])
+        plain = sorted((s for s in decode if s not in drafted), key=lambda s: s.slot)  # slot order: see PackedStep
+        batch = [(s, s.tokens[-1:]) for s in plain]
+        batch += self._plan_prefill(batch)
+        if not batch:
+            return outputs
+        seqs, chunks = [s for s, _ in batch], [c for _, c in batch]
+        if self.packed:
+            return outputs + self._forward_packed(seqs, chunks)
+        # padded forwards: the decodes together, then each prompt chunk alone (no padding waste)
+        decodes = [i for i, s in enumerate(seqs) if s.decoding]
+        if decodes:
+            outputs += self._forward([seqs[i] for i in decodes], [chunks[i] for i in decodes])
+        for i in sorted(set(range(len(seqs))) - set(decodes)):
+            outputs += self._forward([seqs[i]], [chunks[i]])
+        return outputs
+
+    def _plan_prefill(self, batch: list[tuple[_Seq, list[int]]]) -> list[tuple[_Seq, list[int]]]:
+        """Prompt chunks for this step, up to max_prefill_tokens: running sequences' unfinished prompts
+        first, then waiting requests while there are slots. When blocks run out the newest running
+        sequence is preempted (and dropped from `batch` if it was in it)."""
+        chunks: list[tuple[_Seq, list[int]]] = []
+        pending: set[int] = set()  # prefix hashes of full blocks this step computes
         budget = self.max_prefill_tokens
         while budget > 0:
-            seq = self._next_prefill()
+            seq = self._next_prefill({id(s) for s, _ in chunks}, pending)
             if seq is None:
                 break
-            chunk = min(budget, seq.prefill_target - seq.num_computed)
-            if not self._blocks_for(seq, seq.num_computed + chunk):
-                if len(self.running) == 1 or self._preempt() is seq:
+            n = min(budget, seq.prefill_target - seq.num_computed)
+            if not self._blocks_for(seq, seq.num_computed + n):
+                if len(self.running) == 1:
+                    break
+                victim = self._preempt()
+                batch[:] = [b for b in batch if b[0] is not victim]
+                chunks = [b for b in chunks if b[0] is not victim]
+                if victim is seq:
                     break
                 continue
-            budget -= chunk
-            outputs += self._forward([seq], [seq.tokens[seq.num_computed:seq.num_computed + chunk]])
-        return outputs
+            budget -= n
+            chunks.append((seq, seq.tokens[seq.num_computed:seq.num_computed + n]))
+            if self.prefix_caching and self.waiting:
+                full = (seq.num_computed + n) // self.block_size * self.block_size
+                pending.update(block_hashes(seq.tokens[:full], self.block_size))
+        return chunks
 
     def _drafts(self, seq: _Seq) -> bool:
         """Does this sequence decode with drafts this step (blocks for the k+1 verified positions)?"""
@@ -399,17 +441,44 @@ class Engine:
             outputs.append(out)
         return outputs
 
-    def _next_prefill(self) -> _Seq | None:
-        """A running sequence with prompt left to compute, else the next waiting one if a slot is free."""
+    def _next_prefill(self, planned: set[int], pending: set[int]) -> _Seq | None:
+        """A running sequence with prompt left to compute (and no chunk planned yet this step), else
+        the next waiting one if a slot is free. A waiting prompt whose first block this step computes
+        for another sequence waits a step, to find it in the prefix cache."""
         for seq in self.running:
-            if seq.num_computed < seq.prefill_target:
+            if seq.num_computed < seq.prefill_target and id(seq) not in planned:
                 return seq
         if self.waiting and len(self.running) < self.max_num_seqs:
+            first = block_hashes(self.waiting[0].tokens[:self.block_size], self.block_size)
+            if first and first[0] in pending and not self.allocator.has(first[0]):
+                return None
             seq = self.waiting.popleft()
             self.running.append(seq)
+            seq.slot = heapq.heappop(self.free_slots)
             self._reuse_prefix(seq)
+            if self.packed and seq.num_computed:
+                self.cache.load(seq.slot, seq.blocks, seq.num_computed, self.max_num_seqs)
             return seq
         return None
+
+    def _forward_packed(self, seqs: list[_Seq], chunks: list[list[int]]) -> list[Output]:
+        """One forward of every chunk back to back in a single row (infer/paged.py's packed step)."""
+        dev = self.model.device
+        ids = torch.tensor([[t for c in chunks for t in c]], device=dev)
+        positions = self.cache.bind_packed([s.num_computed for s in seqs], [len(c) for c in chunks],
+                                           [s.blocks for s in seqs], [s.slot for s in seqs], self.max_num_seqs)
+        ends = list(itertools.accumulate(len(c) for c in chunks))
+        ready = [i for i, (s, c) in enumerate(zip(seqs, chunks)) if s.num_computed + len(c) == len(s.tokens)]
+        at = torch.tensor([[ends[i] - 1 for i in ready] or [0]], device=dev)  # logits only where we sample
+        out = self.model(ids, cache=self.cache, positions=positions, logits_at=at, return_hidden=True)
+        for b, (s, c) in enumerate(zip(seqs, chunks)):
+            s.num_computed += len(c)
+            self._register_full_blocks(s)
+            if self.mtp is not None:  # the MTP drafter reads the target's hidden state of every position
+                s.hidden.append(out.hidden[0, ends[b] - len(c):ends[b]])
+        if not ready:
+            return []
+        return self._sample([seqs[i] for i in ready], out.logits[0])
 
     def _forward(self, seqs: list[_Seq], chunks: list[list[int]]) -> list[Output]:
         T = max(len(c) for c in chunks)
@@ -493,6 +562,20 @@ class Engine:
         seq.streamed = len(seq.text)
         return Output(seq.request_id, seq.index, tokens, delta, seq.text, True, seq.finish_reason, logprobs,
                       seq.prompt_len)
+
+    def warmup(self) -> None:
+        """Run one short request to the end, so the first real one does not pay for one-time set-up
+        (building the CPU kernels, first allocations, the working copy). Leaves no trace: nothing
+        enters the prefix cache and the counters are as they were."""
+        n = min(80, self.context - 3, (self.allocator.num_blocks - 1) * self.block_size - 3)
+        if self.has_unfinished() or n < 1:
+            return
+        counters, caching = dict(self.counters), self.prefix_caching
+        self.prefix_caching = False
+        try:  # enough prompt for the large-product kernels, and a decode step
+            self.generate([[0] * n], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        finally:
+            self.counters, self.prefix_caching = counters, caching
 
     # ------------------------------------------------------------------ offline use and metrics
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:

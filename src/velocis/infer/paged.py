@@ -14,9 +14,17 @@ the pools, so mixers run unchanged. `read` gathers each row's blocks into a cont
 [B, ..., length, ...] tensor, the plain-PyTorch reference of a paged attention kernel (a fused
 kernel that reads blocks in place is the GPU path's job). Block 0 is scratch: table entries past a
 sequence's blocks point there, so padding never lands in a real block.
+
+Packed steps (`PagedCache.bind_packed`, vLLM's layout): the engine flattens every sequence of a
+step, one decode token each and the prompt chunks, into a single row of N tokens, so each weight is
+read once per step and the products have N rows (the C++ GEMM's shapes) with no padding. Attention
+mixers that know the layout (`Mixer.packed_attention`) then call `PagedLayer.attend_packed`: it
+writes the step's keys and values into their slots, attends the decode tokens together over their
+gathered blocks, and each prompt chunk causally (a chunk that starts the sequence needs no gather).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 
@@ -71,6 +79,10 @@ class BlockAllocator:
             self.cached[prefix_hash] = block
             self.hash_of[block] = prefix_hash
 
+    def has(self, prefix_hash: int) -> bool:
+        """Is this prefix cached (without counting a query)?"""
+        return prefix_hash in self.cached
+
     def lookup(self, prefix_hash: int) -> int | None:
         """A cached block for this prefix, referenced for the caller, or None."""
         self.queries += 1
@@ -93,22 +105,67 @@ def block_hashes(tokens: list[int], block_size: int) -> list[int]:
     return out
 
 
+def _table(tables: list[list[int]], width: int, device) -> torch.Tensor:
+    """[rows, width] block ids, scratch where a row has fewer blocks."""
+    width = max(width, 1)
+    return torch.tensor([row[:width] + [SCRATCH] * (width - len(row[:width])) for row in tables],
+                        dtype=torch.long, device=device)
+
+
 class BlockTables:
-    """The block tables of the rows of one forward: [rows, max blocks] (scratch where unused)."""
+    """The block tables of the rows of one forward: [rows, max blocks] (scratch where unused), and
+    the packed step's layout when the forward is packed (None otherwise)."""
 
     def __init__(self, block_size: int, device):
         self.block_size, self.device = block_size, device
         self.table = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.packed: PackedStep | None = None
 
     def set(self, tables: list[list[int]], width: int) -> None:
-        t = torch.full((len(tables), max(width, 1)), SCRATCH, dtype=torch.long)
-        for i, row in enumerate(tables):
-            t[i, :len(row)] = torch.tensor(row[:width], dtype=torch.long)
-        self.table = t.to(self.device)
+        self.table = _table(tables, width, self.device)
+        self.packed = None
+
+
+class PackedStep:
+    """Where the tokens of a packed forward go. Segment i is tokens [offsets[i], offsets[i] + lengths[i])
+    of the row, at positions starts[i].. of the sequence in working-copy slot slots[i] whose blocks
+    are tables[i]. The leading single-token segments (the decodes) attend as one batch over the
+    working copy's slots 0..max(slot); the rest one chunk at a time."""
+
+    def __init__(self, starts: list[int], lengths: list[int], tables: list[list[int]], slots: list[int],
+                 block_size: int, device):
+        positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
+        owners = [i for i, n in enumerate(lengths) for _ in range(n)]
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
+        # where each token's k/v go: its block and offset (prefix cache), its slot (working copy)
+        self.block = torch.tensor([tables[i][p // block_size] for i, p in zip(owners, positions)],
+                                  dtype=torch.long, device=device)
+        self.offset = self.positions % block_size
+        self.slot = torch.tensor([slots[i] for i in owners], dtype=torch.long, device=device)
+        self.length = max(s + n for s, n in zip(starts, lengths))
+        d = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
+        self.num_decode = d
+        if d:
+            self._decode(starts[:d], slots[:d], device)
+        offsets = list(itertools.accumulate(lengths, initial=0))
+        self.chunks = [(offsets[i], starts[i], lengths[i], slots[i]) for i in range(d, len(lengths))]
+
+    def _decode(self, starts: list[int], slots: list[int], device) -> None:
+        rows = max(slots) + 1
+        lens = [1] * rows  # a slot that does not decode this step sees one slot: no empty softmax
+        for s, slot in zip(starts, slots):
+            lens[slot] = s + 1
+        self.decode_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.decode_in_order = slots == list(range(rows))  # every slot decodes: no scatter, no gather
+        self.decode_rows, self.decode_len = rows, max(lens)
+        # additive mask [rows, 1, 1, S]: 0 on each row's filled slots, -inf past them
+        filled = torch.arange(self.decode_len, device=device) < torch.tensor(lens, device=device)[:, None]
+        self.decode_mask = torch.zeros(filled.shape, device=device).masked_fill_(~filled, float("-inf"))[:, None, None]
 
 
 class PagedLayer(LayerCache):
-    """One layer's cache over its block pool: `write` / `read` through the rows' block tables."""
+    """One layer's cache over its block pool: `write` / `read` through the rows' block tables, or
+    `attend_packed` in a packed step."""
 
     def __init__(self, pool: LayerCache, tables: BlockTables):
         super().__init__(max_len=0)
@@ -116,6 +173,12 @@ class PagedLayer(LayerCache):
         self.kind, self.slot_dims = pool.kind, pool.slot_dims
         if pool.kind == "state":
             raise VelocisError("the paged engine keeps per-token caches; this model has recurrent state layers")
+
+        self.work: tuple[torch.Tensor, torch.Tensor] | None = None  # packed steps' per-sequence k/v
+
+    @property
+    def packed(self) -> "PackedStep | None":
+        return self.tables.packed
 
     def write(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
         d, bs = self.slot_dims[name], self.tables.block_size
@@ -135,6 +198,58 @@ class PagedLayer(LayerCache):
         rows = rows.reshape(table.shape[0], n * bs, *pool.shape[2:])[:, :length]
         return rows.movedim(1, d)
 
+    def attend_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """A packed step's attention: q [1, H, N, d], this step's k/v [1, KV, N, d] -> [1, N, H, d].
+        k/v go into the blocks (what the prefix cache keeps) and the working copy first, so a chunk's
+        own keys are in place when it reads its slot."""
+        from velocis.models.attend import attend_causal, attend_decode, attend_prefixed
+
+        step = self.tables.packed
+        kn, vn = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, KV, d]
+        self.pool.k[step.block, :, step.offset] = kn.to(self.pool.k.dtype)
+        self.pool.v[step.block, :, step.offset] = vn.to(self.pool.v.dtype)
+        wk, wv = self.work  # [slots, KV, capacity, d]
+        wk[step.slot, :, step.positions] = kn.to(wk.dtype)
+        wv[step.slot, :, step.positions] = vn.to(wv.dtype)
+        y = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+        D = step.num_decode
+        if D:
+            qd = q[0, :, :D].transpose(0, 1)  # [D, H, d]
+            if not step.decode_in_order:  # rows by slot; the slots that do not decode get zeros
+                qd = qd.new_zeros(step.decode_rows, *qd.shape[1:]).index_copy_(0, step.decode_slots, qd)
+            rows, S = step.decode_rows, step.decode_len
+            yd = attend_decode(qd, wk[:rows, :, :S], wv[:rows, :, :S], step.decode_mask, scale)
+            y[0, :D] = yd if step.decode_in_order else yd[step.decode_slots]
+        for a, start, n, slot in step.chunks:
+            qi = q[:, :, a:a + n]
+            if start == 0:  # the chunk is the whole sequence so far: its own keys
+                yi = attend_causal(qi, k[:, :, a:a + n], v[:, :, a:a + n], scale)
+            else:
+                yi = attend_prefixed(qi, wk[slot:slot + 1, :, :start + n], wv[slot:slot + 1, :, :start + n], start, scale)
+            y[:, a:a + n] = yi.transpose(1, 2)
+        return y
+
+    def reserve(self, slots: int, length: int) -> None:
+        """A working copy of `slots` sequences of at least `length` positions (grown by 256, kept)."""
+        have = self.work[0].shape[2] if self.work is not None else 0
+        if self.work is not None and self.work[0].shape[0] >= slots and have >= length:
+            return
+        k = self.pool.k
+        length = max(have, min(self.max_len, -(-length // 256) * 256))
+        grown = tuple(k.new_zeros(slots, k.shape[1], length, k.shape[3]) for _ in range(2))
+        if self.work is not None:
+            for new, old in zip(grown, self.work):
+                new[:old.shape[0], :, :have] = old
+        self.work = grown
+
+    def load(self, slot: int, blocks: list[int], length: int) -> None:
+        """Fill a slot of the working copy with the first `length` positions held in `blocks` (a
+        prefix-cache hit)."""
+        table = torch.tensor(blocks, dtype=torch.long, device=self.pool.k.device)
+        for w, pool in zip(self.work, (self.pool.k, self.pool.v)):
+            kv, bs, d = pool.shape[1:]
+            w[slot, :, :length] = pool[table].transpose(0, 1).reshape(kv, len(blocks) * bs, d)[:, :length]
+
 
 class PagedCache:
     """What the model gets as `cache=` for one engine forward: its rows' block tables over the pools.
@@ -148,6 +263,8 @@ class PagedCache:
         self.layers = [PagedLayer(b.mixer.new_cache(num_blocks, block_size, device, dtype), self.tables)
                        for b in model.layers]
         self.max_len = model.config.max_seq_len
+        for layer in self.layers:
+            layer.max_len = self.max_len
         self.batch_size = 0
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
 
@@ -155,6 +272,22 @@ class PagedCache:
         """Point the pools at these rows' block tables for the next forward (max_len: longest row after it)."""
         self.tables.set(tables, math.ceil(max_len / self.block_size))
         self.batch_size = len(tables)
+
+    def bind_packed(self, starts: list[int], lengths: list[int], tables: list[list[int]], slots: list[int],
+                    num_slots: int) -> torch.Tensor:
+        """Set up a packed forward (one row: the segments' tokens back to back, single-token ones
+        first, each sequence in its working-copy slot < num_slots); returns its positions [1, N]."""
+        step = PackedStep(starts, lengths, tables, slots, self.block_size, self.tables.device)
+        for layer in self.layers:
+            layer.reserve(num_slots, step.length)
+        self.tables.packed, self.batch_size = step, 1
+        return step.positions[None]
+
+    def load(self, slot: int, blocks: list[int], length: int, num_slots: int) -> None:
+        """Copy a sequence's cached prefix (its first `length` positions) into its working-copy slot."""
+        for layer in self.layers:
+            layer.reserve(num_slots, length)
+            layer.load(slot, blocks, length)
 
     def next_positions(self, T: int) -> torch.Tensor:
         raise VelocisError("the engine passes positions explicitly to a paged cache")

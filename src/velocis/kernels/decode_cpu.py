@@ -207,7 +207,37 @@ class DecodePlan:
         return logits
 
 
-def matvec(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """x [T, in] through one projection with the decode kernels (tests hold them to the reference)."""
+SMALL_ROWS = 32  # up to here the weight-only kernels beat dequantizing the whole weight per call
+
+
+def quant_linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """QuantLinear's CPU inference forward for a few rows (decoding): the weight-only kernels, fp32
+    activations against the stored codes, equal to the dequantizing reference up to fp32 rounding
+    (so batched decoding equals decoding alone, and a cached step equals the full forward). None
+    where the caller's reference should run: more than SMALL_ROWS rows (prefill: one dequantization
+    is amortized), no kernels, VELOCIS_DECODE_KERNEL=0, or a width that is not a multiple of 32."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > SMALL_ROWS or os.environ.get("VELOCIS_DECODE_KERNEL", "1") == "0" or cpu_ops.ops() is None:
+        return None
+    key = (module.qweight.data_ptr(), _version(module.qweight), _version(module.scales))
+    cached = getattr(module, "_decode_pack", None)
+    if cached is None or cached[0] != key:
+        try:
+            cached = (key, *pack_matrix(module, type(module).__name__))
+        except Unsupported:
+            cached = (key, None, None)
+        module._decode_pack = cached
+    _, t, m = cached
+    if t is None:
+        return None
+    y = cpu_ops.ops().matvec(x.reshape(rows, -1).float().contiguous(), m[0], t[0], t[1], t[2], m[1], m[2], m[3], True)
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], m[1])
+
+
+def matvec(x: torch.Tensor, module: nn.Module, exact: bool = False) -> torch.Tensor:
+    """x [T, in] through one projection with the decode kernels (tests hold them to the reference);
+    exact: quantized weights against fp32 activations instead of int8 ones."""
     t, m = pack_matrix(module, type(module).__name__)
-    return cpu_ops.ops().matvec(x.float().contiguous(), m[0], t[0], t[1], t[2], m[1], m[2], m[3])
+    return cpu_ops.ops().matvec(x.float().contiguous(), m[0], t[0], t[1], t[2], m[1], m[2], m[3], exact)

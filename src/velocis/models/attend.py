@@ -6,6 +6,9 @@ runs is chosen here from the inputs and `set_backend`:
   "sdpa"  torch's scaled_dot_product_attention (flash / memory-efficient / math, chosen by torch)
   "auto"  the C++ kernel where it applies, SDPA elsewhere
 Later back ends (paged KV, flash kernels on CUDA) plug in here without touching a mixer.
+The inference engine's packed steps (infer/paged.py) use the three pieces below `attend`: causal
+attention of a chunk over its own keys, of a chunk after cached slots, and of single decode
+tokens batched over their sequences' slots.
 
 Masks: without a cache a query sees the earlier tokens of its own chunk (of its own document when
 rows are packed); with a cache k/v are cache slots and a query at position p sees slots 0..p (stale
@@ -73,3 +76,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions, *,
     if v.dtype != q.dtype or k.dtype != q.dtype:  # a cache kept in another dtype
         k, v = k.to(q.dtype), v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention of a chunk over its own keys: q [B, H, T, D], k/v [B, KV, T, D]."""
+    if _backend != "sdpa" and attention_cpu.supports(q, k, v):
+        return attention_cpu.causal_attention(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attend_prefixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """A chunk at positions start.. over slots 0..start+T-1 (cached ones first): q [B, H, T, D],
+    k/v [B, KV, S, D]; query j sees slots <= start + j."""
+    T, S = q.shape[2], k.shape[2]
+    mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per row: q [R, H, D], k/v [R, KV, S, D] (views: any strides with D
+    contiguous, read in place), mask additive [R, 1, 1, S] (-inf on slots a row does not have)
+    -> [R, H, D]."""
+    y = F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype),
+                                       scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return y[:, :, 0]

@@ -50,6 +50,7 @@ class KVCache(LayerCache):
 @register_mixer("attention")
 class Attention(Mixer):
     cache_kind = "kv"
+    packed_attention = True  # takes the inference engine's packed steps (infer/paged.py)
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
@@ -84,6 +85,19 @@ class Attention(Mixer):
     def cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
 
+    def _rope(self, pos: Positions, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the forward's positions. In inference the first layer computes them and the
+        others reuse them (kept on the forward's Positions): per layer they cost as much as a decode
+        step's attention."""
+        if torch.is_grad_enabled():
+            return self.rotary(pos.ids, dtype)
+        r = self.rotary
+        key = (r.dim, r.theta, repr(r.scaling), dtype)
+        memo = pos.__dict__.setdefault("rope_tables", {})
+        if key not in memo:
+            memo[key] = r(pos.ids, dtype)
+        return memo[key]
+
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         pos = Positions.of(pos)
@@ -93,8 +107,11 @@ class Attention(Mixer):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-        cos, sin = self.rotary(pos.ids, q.dtype)
+        cos, sin = self._rope(pos, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if getattr(cache, "packed", None) is not None:  # the engine's packed step: y is [1, N, heads, d]
+            y = cache.attend_packed(q, k, v, 1.0 / math.sqrt(self.head_dim))
+            return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = KVCache.update(cache, pos, k, v)
         y = attend(q, k, v, pos, cached=cache is not None)

@@ -17,7 +17,10 @@ Weight-only: activations are never quantized, so no integer matmul of torch's is
 (torch._int_mm multiplies int8 by int8); the reference dequantizes, and costs a dequantization of
 the whole weight per call: speed is the kernels' job, not this module's. On CUDA, QuantLinear
 runs velocis.quant.triton_matmul's kernel instead (held to this reference; inference only, since
-it has no backward), unless VELOCIS_TRITON=0 or triton is missing.
+it has no backward), unless VELOCIS_TRITON=0 or triton is missing. On a CPU, inference (no
+gradient) on a few rows runs velocis.kernels.decode_cpu's weight-only kernels (the same arithmetic
+without dequantizing the whole weight; see decode_cpu.quant_linear). The batch-1 decode plan goes
+further and quantizes activations to int8 per 32 values, as llama.cpp does.
 
 `.weight` is the dequantized weight in the module's compute dtype (the model's float dtype; it
 follows `model.to(dtype)`): code that reads a projection's weight directly (MLA's absorbed decode
@@ -118,6 +121,12 @@ class QuantLinear(QuantWeight):
 
             if triton_matmul.enabled() and triton_matmul.supports(x):
                 return triton_matmul.quant_linear(x, self, b)
+        if x.device.type == "cpu" and not _needs_grad(x, b):  # a few rows: the C++ decode kernels
+            from velocis.kernels import decode_cpu
+
+            y = decode_cpu.quant_linear(x, self, b)
+            if y is not None:
+                return y
         return F.linear(x, self.dequantize(x.dtype), b)
 
     @classmethod

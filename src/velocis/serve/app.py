@@ -81,7 +81,7 @@ def create_app(served: ServedModel, engine_loop: EngineLoop, *, api_key: str | N
 
     @asynccontextmanager
     async def lifespan(app):
-        engine_loop.start()
+        engine_loop.start()  # warms the engine up first: the server answers only once it is ready
         try:
             yield
         finally:  # shutdown: abort what is left, stop the thread

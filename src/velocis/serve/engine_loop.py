@@ -36,7 +36,10 @@ class EngineLoop:
 
     # -- any thread ---------------------------------------------------------------------------
     def start(self) -> "EngineLoop":
+        """Warm the engine up (before the thread exists: nothing else touches it yet), then start it."""
         if self._thread is None:
+            self.engine.warmup()
+            self.stats = self._snapshot()
             self._thread = threading.Thread(target=self._run, name="velocis-engine", daemon=True)
             self._thread.start()
         return self

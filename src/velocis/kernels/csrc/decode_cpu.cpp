@@ -47,6 +47,7 @@ struct Mat {
   const void* w = nullptr;
   const float* scales = nullptr;  // [rows, cols / group] (quantized kinds)
   const float* szs = nullptr;     // [rows, cols / group]: scale * zero point (Q4)
+  bool exact = false;  // quantized kinds: fp32 activations (weight-only), not int8 per 32
   bool quantized() const { return kind == Q8 || kind == Q4; }
 };
 
@@ -306,13 +307,92 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
     }
 }
 
+// Weight-only: fp32 activations against codes widened in registers, sum_c s (u_c - z) x_c =
+// s * sum_c u_c x_c - s z * sum_c x_c per group. Equals the dequantizing reference up to fp32
+// rounding (the integer path above trades that for fewer instructions).
+#ifdef VELOCIS_AVX2
+inline __m256 codes8(const Mat& m, const uint8_t* row, int64_t b, int64_t nb, int k) {  // columns 8k..8k+7 of block b
+  if (m.kind == Q8)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b * QBLOCK + 8 * k))));
+  const __m256i mask = _mm256_set1_epi32(15);
+  if (b < nb / 2 * 2) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (b / 2) * QBLOCK + 8 * k)));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(b % 2 ? _mm256_srli_epi32(v, 4) : v, mask));
+  }
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b * (QBLOCK / 2) + 8 * (k % 2))));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(k >= 2 ? _mm256_srli_epi32(v, 4) : v, mask));
+}
+#endif
+
+void rows_wonly(const Mat& m, int64_t T, const float* x, int64_t xstride, float* out, int64_t ostride,
+                int64_t r0, int64_t r1) {
+  const int64_t nb = m.cols / QBLOCK, bpg = m.group / QBLOCK, ng = m.cols / m.group;
+  const int64_t row_bytes = m.kind == Q8 ? m.cols : m.cols / 2;
+  std::vector<float> gsum(m.kind == Q4 ? T * ng : 0, 0.f);  // sum of x per group, per t
+  for (int64_t t = 0; t < T && m.kind == Q4; ++t)
+    for (int64_t c = 0; c < m.cols; ++c) gsum[t * ng + c / m.group] += x[t * xstride + c];
+  int64_t r = r0;
+#ifdef VELOCIS_AVX2
+  for (; r + 4 <= r1 && r % 4 == 0; r += 4) {
+    const uint8_t* w0 = static_cast<const uint8_t*>(m.w) + r * row_bytes;
+    const uint8_t* w[4] = {w0, w0 + row_bytes, w0 + 2 * row_bytes, w0 + 3 * row_bytes};
+    const float* sc4 = m.scales + (r / 4) * ng * 4;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * xstride;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t g = 0; g < ng; ++g) {
+        __m256 ga[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b)
+          for (int k = 0; k < 4; ++k) {
+            const __m256 xv = _mm256_loadu_ps(xt + b * QBLOCK + 8 * k);
+            for (int i = 0; i < 4; ++i) ga[i] = _mm256_fmadd_ps(codes8(m, w[i], b, nb, k), xv, ga[i]);
+          }
+        const __m128 s4 = _mm_loadu_ps(sc4 + g * 4);
+        const __m256 s8 = _mm256_set_m128(s4, s4);
+        acc[0] = _mm256_fmadd_ps(ga[0], VELOCIS_LANE(s8, 0), acc[0]);
+        acc[1] = _mm256_fmadd_ps(ga[1], VELOCIS_LANE(s8, 1), acc[1]);
+        acc[2] = _mm256_fmadd_ps(ga[2], VELOCIS_LANE(s8, 2), acc[2]);
+        acc[3] = _mm256_fmadd_ps(ga[3], VELOCIS_LANE(s8, 3), acc[3]);
+      }
+      __m128 res = _mm_setr_ps(hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]));
+      if (m.kind == Q4) {
+        const float* sz4 = m.szs + (r / 4) * ng * 4;
+        for (int64_t g = 0; g < ng; ++g)
+          res = _mm_fnmadd_ps(_mm_loadu_ps(sz4 + g * 4), _mm_set1_ps(gsum[t * ng + g]), res);
+      }
+      float s[4];
+      _mm_storeu_ps(s, res);
+      for (int i = 0; i < 4; ++i) out[t * ostride + r + i] = s[i];
+    }
+  }
+#endif
+  for (; r < r1; ++r) {
+    const uint8_t* row = static_cast<const uint8_t*>(m.w) + r * row_bytes;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * xstride;
+      float s = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float dot = 0.f;
+        for (int64_t c = g * m.group; c < (g + 1) * m.group; ++c)
+          dot += (m.kind == Q8 ? static_cast<float>(reinterpret_cast<const int8_t*>(row)[c])
+                               : static_cast<float>(q4_code(row, nb, c))) * xt[c];
+        s += scale_at(m.scales, r, g, ng) * dot;
+        if (m.kind == Q4) s -= scale_at(m.szs, r, g, ng) * gsum[t * ng + g];
+      }
+      out[t * ostride + r] = s;
+    }
+  }
+}
+
 void rows_any(const Mat& m, int64_t T, const float* x, int64_t xstride, const QRows* xq, float* out,
               int64_t ostride, int64_t r0, int64_t r1) {
   switch (m.kind) {
     case F32: rows_float<float>(m, T, x, xstride, out, ostride, r0, r1); break;
     case BF16:
     case F16: rows_float<uint16_t>(m, T, x, xstride, out, ostride, r0, r1); break;
-    default: rows_quant(m, T, *xq, out, ostride, r0, r1);
+    default:
+      if (m.exact) rows_wonly(m, T, x, xstride, out, ostride, r0, r1);
+      else rows_quant(m, T, *xq, out, ostride, r0, r1);
   }
 }
 
@@ -600,17 +680,19 @@ at::Tensor decode_chunk(int64_t plan, const at::Tensor& tokens, int64_t start, a
 }
 
 // One matrix against rows x [T, cols] -> [T, rows]: the kernels alone, for tests and QuantLinear.
+// exact: quantized weights against fp32 activations (weight-only, the reference's arithmetic).
 at::Tensor matvec(const at::Tensor& x, int64_t kind, const at::Tensor& w, const at::Tensor& scales,
-                  const at::Tensor& szs, int64_t rows, int64_t cols, int64_t group) {
+                  const at::Tensor& szs, int64_t rows, int64_t cols, int64_t group, bool exact) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.scalar_type() == at::kFloat, "matvec: x must be fp32 [T, ", cols, "]");
   const at::Tensor xc = x.contiguous();
   const at::Tensor ts[3] = {w.contiguous(), scales, szs};
   const int64_t meta[4] = {kind, rows, cols, group};
-  const Mat m = make_mat(ts, meta);
+  Mat m = make_mat(ts, meta);
+  m.exact = exact;
   const int64_t T = xc.size(0);
   at::Tensor out = at::empty({T, rows}, at::kFloat);
   QRows xq;
-  if (m.quantized()) xq.quantize(xc.data_ptr<float>(), T, cols);
+  if (m.quantized() && !exact) xq.quantize(xc.data_ptr<float>(), T, cols);
   const int nt = std::max(1, at::get_num_threads());
 #pragma omp parallel num_threads(nt)
   matvec_team({{&m, out.data_ptr<float>(), rows}}, T, xc.data_ptr<float>(), cols, &xq);
@@ -624,7 +706,7 @@ TORCH_LIBRARY_FRAGMENT(velocis_cpu, m) {
   m.def("decode_plan_free(int plan) -> ()", decode_plan_free);
   m.def("decode_chunk(int plan, Tensor tokens, int start, Tensor(a!) kcache, Tensor(b!) vcache, Tensor cos, "
         "Tensor sin) -> Tensor");
-  m.def("matvec(Tensor x, int kind, Tensor w, Tensor scales, Tensor szs, int rows, int cols, int group) -> Tensor");
+  m.def("matvec(Tensor x, int kind, Tensor w, Tensor scales, Tensor szs, int rows, int cols, int group, bool exact=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(velocis_cpu, CPU, m) {
