@@ -21,6 +21,7 @@ def _f(default, help: str, **meta):
 class TrainConfig:
     output_dir: str = _f("runs/run", "run directory", cli=False)
     data_dir: str = _f("", "a prepared data dir (index.json, tokenizer.json, train/, val/)", cli=False)
+    init_from: str = _f("", "a model dir whose weights a fresh run starts from (fine-tuning)", cli=False)
 
     # --- length of the run: whichever limit comes first ---
     max_steps: int | None = _f(None, "optimizer steps (default fits the preset, unless --time-budget)")

@@ -36,6 +36,7 @@ from velocis.models import VelocisModel
 from velocis.train import checkpoint as ckpt_io
 from velocis.train import run_dir
 from velocis.train.config import TrainConfig
+from velocis.train.data_source import TrainData, packed_data, to_device
 from velocis.train.monitor import MetricsLog, make_monitor, memory_usage
 from velocis.train.objectives import NextTokenObjective, Objective
 from velocis.train.optim import build_optimizer, register_step_hooks
@@ -137,25 +138,17 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, device: torch.devic
 # --- the trainer ---------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_config: ModelConfig, *, objective: Objective | None = None,
-                 resume: str | None = None, overwrite: bool = False):
-        from velocis.data import PackedLoader
-        from velocis.tokenizer import Tokenizer
-
+                 data: TrainData | None = None, resume: str | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.objective = objective or NextTokenObjective()
         self.run_dir = cfg.run_dir
-        data_dir = Path(cfg.data_dir)
-        if not (data_dir / "index.json").is_file():
-            raise VelocisError(
-                f"data directory {data_dir}: not prepared (no index.json); "
-                f"run `velocis data prepare` or pass --chinese-path/--english-path"
-            )
         if cfg.seq_len > model_config.max_seq_len:
             raise VelocisError(
                 f"seq_len (--seq-len) {cfg.seq_len} is longer than the model's context ({model_config.max_seq_len} "
                 f"tokens); use {model_config.max_seq_len} or less"
             )
-        self.tokenizer = Tokenizer.load(data_dir)
+        self.data = data or packed_data(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.tokenizer = self.data.tokenizer
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise VelocisError(
                 f"the data's tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
@@ -186,9 +179,8 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.model = build_model(model_config, cfg, self.device)
-        self.train_loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, split="train", seed=cfg.seed)
-        self.val_loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, split="val", seed=cfg.seed)
-        self._val_start = self.val_loader.state_dict()
+        self.train_loader, self.val_loader = self.data.train, self.data.val
+        self._val_start = self.val_loader.state_dict() if self.val_loader is not None else None
         self._train_iter = iter(self.train_loader)
 
         self.step = 0
@@ -203,6 +195,8 @@ class Trainer:
         self._last_save = self._last_eval = -1  # the steps last checkpointed / evaluated
         if self.resume_from is not None:
             ckpt_io.load_weights(self.model, self.resume_from)
+        elif cfg.init_from:  # fine-tuning: start from a trained model's weights
+            ckpt_io.load_weights(self.model, Path(cfg.init_from))
         self.objective.setup(self.model, self.device)
         extra = self.objective.modules()
         self.optimizer = build_optimizer([p for m in (self.model, *extra.values()) for p in m.parameters()],
@@ -267,11 +261,11 @@ class Trainer:
 
     def _next_batch(self):
         try:
-            x, y = next(self._train_iter)
+            batch = next(self._train_iter)
         except StopIteration:  # end of an epoch: start the next one
             self._train_iter = iter(self.train_loader)
-            x, y = next(self._train_iter)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            batch = next(self._train_iter)
+        return to_device(batch, self.device)
 
     def progress(self) -> float:
         """Fraction of the run done (steps, or time against the budget; the further along)."""
@@ -345,23 +339,24 @@ class Trainer:
         return loss_value, grad_norm, stats, lr
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Next-token loss per token over the first `eval_batches` validation batches, and bits per byte."""
+    def evaluate(self) -> tuple[float, float | None]:
+        """The objective's validation loss (per token for next-token objectives) over the first
+        `eval_batches` validation batches, and bits per byte where the data knows its bytes per token."""
         self.model.eval()
         self.val_loader.load_state_dict(self._val_start)  # the same batches every time
-        nll, count = 0.0, 0
-        for i, (x, y) in enumerate(self.val_loader):
+        total, count = 0.0, 0
+        for i, batch in enumerate(self.val_loader):
             if i >= self.cfg.eval_batches:
                 break
             with autocast_for(self.device, self.precision):
-                out = self.model(x.to(self.device), y.to(self.device), reduction="sum")
-            nll += float(out.lm_loss)  # bpb measures the language model, not aux losses
-            count += int(out.num_tokens)
+                loss_sum, n = self.objective.evaluate(self.model, to_device(batch, self.device))
+            total += float(loss_sum)
+            count += int(n)
         if not count:
-            raise VelocisError(f"{self.cfg.data_dir}: the validation split is empty or shorter than seq_len (--seq-len)")
-        val_loss = nll / count
+            raise VelocisError(f"{self.data.where}: the validation split is empty or shorter than seq_len (--seq-len)")
+        val_loss = total / count
         # nats/token -> bits/token -> bits/byte
-        bpb = val_loss / math.log(2) / self.val_loader.bytes_per_token
+        bpb = val_loss / math.log(2) / self.data.bytes_per_token if self.data.bytes_per_token else None
         self.model.train()
         return val_loss, bpb
 
@@ -480,6 +475,8 @@ class Trainer:
         return first_loss, last_loss
 
     def _eval_and_record(self, monitor) -> None:
+        if self.val_loader is None:
+            return
         val_loss, bpb = self.evaluate()
         self._last_eval = self.step
         self.val_history.append((self.step, val_loss, bpb))
@@ -500,7 +497,7 @@ class Trainer:
         return min(etas) if etas else None
 
 
-def train(cfg: TrainConfig, model_config: ModelConfig, *, objective=None, resume: str | None = None,
-          overwrite: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, model_config: ModelConfig, *, objective=None, data: TrainData | None = None,
+          resume: str | None = None, overwrite: bool = False) -> TrainResult:
     """Build a Trainer and run it to the end of its step or time budget."""
-    return Trainer(cfg, model_config, objective=objective, resume=resume, overwrite=overwrite).run()
+    return Trainer(cfg, model_config, objective=objective, data=data, resume=resume, overwrite=overwrite).run()

@@ -184,7 +184,8 @@ class PlainMonitor(Monitor):
         )
 
     def eval(self, rec):
-        self._print(f"eval step {rec['step']} | val loss {rec['val_loss']:.4f} | val bpb {rec['val_bpb']:.4f}")
+        bpb = f" | val bpb {rec['val_bpb']:.4f}" if rec.get("val_bpb") is not None else ""
+        self._print(f"eval step {rec['step']} | val loss {rec['val_loss']:.4f}{bpb}")
 
     def note(self, text):
         self._print(text)
@@ -232,8 +233,11 @@ class LiveMonitor(Monitor):
         self._refresh(force=rec.get("last", False))
 
     def eval(self, rec):
-        self.val.append((rec["step"], rec["val_bpb"]))
-        self.notes.append(f"eval @ step {rec['step']}: val loss {rec['val_loss']:.4f}, val bpb {rec['val_bpb']:.4f}")
+        bpb = rec.get("val_bpb")  # None: the data has no bytes per token (alignment): track the loss
+        self.val_label = "val bpb" if bpb is not None else "val loss"
+        self.val.append((rec["step"], bpb if bpb is not None else rec["val_loss"]))
+        self.notes.append(f"eval @ step {rec['step']}: val loss {rec['val_loss']:.4f}"
+                          + (f", val bpb {bpb:.4f}" if bpb is not None else ""))
         self._refresh(force=True)
 
     def note(self, text):
@@ -257,7 +261,8 @@ class LiveMonitor(Monitor):
         best = min(v for _, v in self.val) if self.val else None
         val = f"{self.val[-1][1]:.4f} (best {best:.4f})" if self.val else "-"
         head.add_row("[b]step[/]", step, "[b]loss[/]", f"{r['loss']:.4f} (start {self.first_loss:.3f})")
-        head.add_row("[b]lr[/]", f"{r['lr']:.3e}", "[b]val bpb[/]", val)
+        label = getattr(self, "val_label", "val bpb")
+        head.add_row("[b]lr[/]", f"{r['lr']:.3e}", f"[b]{label}[/]", val)
         head.add_row("[b]tokens/s[/]", fmt_count(r["tokens_per_s"]), "[b]tokens[/]", fmt_count(r["tokens"]))
         head.add_row("[b]elapsed[/]", fmt_duration(r["elapsed_s"]), "[b]ETA[/]", fmt_duration(r.get("eta_s")))
         head.add_row("[b]grad norm[/]", f"{r['grad_norm']:.3f}", "[b]memory[/]", r["memory"])
@@ -265,7 +270,7 @@ class LiveMonitor(Monitor):
         parts: list[Any] = [head, Text(""), Text("train loss", style="bold")]
         parts += [Text(line, style="cyan") for line in chart(self.losses, width=width, height=6)]
         if len(self.val) > 1:
-            parts += [Text("val bpb  " + sparkline([v for _, v in self.val][-width:]), style="green")]
+            parts += [Text(f"{getattr(self, 'val_label', 'val bpb')}  " + sparkline([v for _, v in self.val][-width:]), style="green")]
         stats = r.get("stats", {})
         if stats:
             st = Table.grid(padding=(0, 2))

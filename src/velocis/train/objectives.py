@@ -35,6 +35,13 @@ class Objective:
     def __call__(self, model: nn.Module, batch: Any, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
 
+    def evaluate(self, model: nn.Module, batch: Any) -> tuple[float, int]:
+        """Validation of one batch (no gradient): (summed loss, count); the trainer reports their ratio.
+        The default: next-token loss of (input_ids, targets) batches, without auxiliary losses."""
+        input_ids, targets = batch[0], batch[1]
+        out = model(input_ids, targets, reduction="sum", ignore_index=IGNORE_INDEX)
+        return float(out.lm_loss), int(out.num_tokens)
+
 
 class NextTokenObjective(Objective):
     """Pretraining: cross-entropy of the next token, plus the model's auxiliary losses (MoE balance,
