@@ -7,8 +7,7 @@
 One C++ call runs every layer of a chunk of tokens (prefill) or of one token (decode) with the
 weights in their stored form: fp32, bf16 or fp16 weights, and velocis.quant's int8 / int4 (repacked
 here once per plan, as csrc/decode_cpu.cpp lays out above rows_quant: 4-bit codes per pair of
-32-column blocks, scales widened to fp32 and laid out 4 rows side by side, zero points folded into
-scale * zero). What qualifies: every block attention + SwiGLU MLP (Llama, Qwen2's q/k/v bias,
+32-column blocks, float16 scales and uint8 zero points as stored, laid out 4 rows side by side). What qualifies: every block attention + SwiGLU MLP (Llama, Qwen2's q/k/v bias,
 Qwen3's q/k norms), RoPE without dynamic scaling, quantized inputs a multiple of 32 wide.
 
 Reference: VelocisModel.forward with a cache. Float weights match it to fp32 rounding (the C++
@@ -57,26 +56,27 @@ def repack_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def by_four_rows(per_row: torch.Tensor) -> torch.Tensor:
-    """[rows, groups] -> [ceil(rows / 4), groups, 4] fp32: a register block's 4 rows side by side."""
-    t = per_row.float()
+    """[rows, groups] -> [ceil(rows / 4), groups, 4] (dtype kept): a register block's 4 rows side by side."""
+    t = per_row
     t = torch.cat([t, t.new_zeros((-t.shape[0]) % 4, t.shape[1])])
     return t.view(-1, 4, t.shape[1]).transpose(1, 2).contiguous()
 
 
 def pack_matrix(module: nn.Module, what: str) -> tuple[list[torch.Tensor], list[int]]:
-    """A projection -> ([weight, scales, scale*zero], [kind, rows, cols, group]) for the kernel."""
+    """A projection -> ([weight, scales, zero points], [kind, rows, cols, group]) for the kernel (scales
+    float16 and zero points uint8, as QuantLinear stores them)."""
     from velocis.quant.linear import QuantLinear
 
     if isinstance(module, QuantLinear):
         spec, rows, cols = module.spec, module.out_features, module.in_features
         if cols % QBLOCK or (spec.group_size or cols) % QBLOCK or module.qweight.shape[-1] * (2 if spec.bits == 4 else 1) != cols:
             raise Unsupported(f"{what}: {cols} input columns are not a multiple of 32")
-        scales = module.scales.float()
+        scales = module.scales.to(torch.float16)  # already float16-exact (quant/formats.py)
         group = spec.group_size or cols
         if spec.bits == 8:
             return [module.qweight.contiguous(), by_four_rows(scales), _EMPTY], [Q8, rows, cols, group]
-        zeros = module.zeros.float() if module.zeros is not None else torch.full_like(scales, 8.0)
-        return [repack_int4(module.qweight), by_four_rows(scales), by_four_rows(scales * zeros)], [Q4, rows, cols, group]
+        zeros = module.zeros if module.zeros is not None else torch.full(scales.shape, 8, dtype=torch.uint8)
+        return [repack_int4(module.qweight), by_four_rows(scales), by_four_rows(zeros.to(torch.uint8))], [Q4, rows, cols, group]
     if isinstance(module, nn.Linear):
         w = module.weight.detach()
         if w.dtype not in FLOAT_KINDS:
@@ -219,7 +219,7 @@ def quant_linear(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None) 
     rows = x.numel() // max(1, x.shape[-1])
     if rows > SMALL_ROWS or os.environ.get("VELOCIS_DECODE_KERNEL", "1") == "0" or cpu_ops.ops() is None:
         return None
-    key = (module.qweight.data_ptr(), _version(module.qweight), _version(module.scales))
+    key = (module.qweight.data_ptr(), *(_version(t) for t in (module.qweight, module.scales, module.zeros) if t is not None))
     cached = getattr(module, "_decode_pack", None)
     if cached is None or cached[0] != key:
         try:

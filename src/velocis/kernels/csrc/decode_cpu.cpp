@@ -45,8 +45,8 @@ constexpr int64_t TASK_ROWS = 16;  // rows per scheduled piece of a matrix
 struct Mat {
   int64_t kind = F32, rows = 0, cols = 0, group = 0;
   const void* w = nullptr;
-  const float* scales = nullptr;  // [rows, cols / group] (quantized kinds)
-  const float* szs = nullptr;     // [rows, cols / group]: scale * zero point (Q4)
+  const uint16_t* scales = nullptr;  // float16 bits, [ceil(rows / 4), groups, 4] (quantized kinds)
+  const uint8_t* zeros = nullptr;    // zero points 0..15, same layout (Q4)
   bool exact = false;  // quantized kinds: fp32 activations (weight-only), not int8 per 32
   bool quantized() const { return kind == Q8 || kind == Q4; }
 };
@@ -187,11 +187,24 @@ void rows_float(const Mat& m, int64_t T, const float* x, int64_t xstride, float*
 }
 
 // Quantized layouts (kernels/decode_cpu.py packs them):
-//   scales, szs   [ceil(rows / 4), groups, 4]: the 4 rows of a register block side by side
+//   scales, zeros [ceil(rows / 4), groups, 4]: the 4 rows of a register block side by side; scales
+//                 stay float16 and zero points bytes, as stored (a quarter of int4's bytes otherwise)
 //   Q4 codes      per row, per pair of 32-column blocks, 32 bytes: byte j holds column j of the
 //                 first block (low nibble) and of the second (high); an odd last block is 16 bytes,
 //                 byte j holding its columns j (low) and j + 16 (high)
-inline float scale_at(const float* s4, int64_t r, int64_t g, int64_t ng) { return s4[(r / 4 * ng + g) * 4 + r % 4]; }
+inline int64_t at4(int64_t r, int64_t g, int64_t ng) { return (r / 4 * ng + g) * 4 + r % 4; }
+inline float scale_at(const Mat& m, int64_t r, int64_t g, int64_t ng) { return widen(m.scales[at4(r, g, ng)], F16); }
+inline float szero_at(const Mat& m, int64_t r, int64_t g, int64_t ng) {  // scale * zero point
+  return scale_at(m, r, g, ng) * static_cast<float>(m.zeros[at4(r, g, ng)]);
+}
+#ifdef VELOCIS_AVX2
+inline __m128 scales4(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline __m128 szeros4(const uint16_t* s, const uint8_t* z) {
+  int32_t v;
+  std::memcpy(&v, z, 4);
+  return _mm_mul_ps(scales4(s), _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v))));
+}
+#endif
 
 inline int q4_code(const uint8_t* row, int64_t nb, int64_t c) {
   const int64_t b = c / QBLOCK, j = c % QBLOCK;
@@ -218,7 +231,7 @@ float qdot_scalar(const Mat& m, int64_t r, const QRows& xq, int64_t t) {
       const uint8_t* w = static_cast<const uint8_t*>(m.w) + r * (m.cols / 2);
       for (int64_t i = b * QBLOCK; i < (b + 1) * QBLOCK; ++i) dot += q4_code(w, nb, i) * xc[i];
     }
-    acc += static_cast<float>(dot) * xd[b] * scale_at(m.scales, r, b / bpg, ng);
+    acc += static_cast<float>(dot) * xd[b] * scale_at(m, r, b / bpg, ng);
   }
   return acc;
 }
@@ -255,7 +268,7 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
   for (; r + 4 <= r1 && r % 4 == 0; r += 4) {
     const uint8_t* w0 = static_cast<const uint8_t*>(m.w) + r * row_bytes;
     const void* w[4] = {w0, w0 + row_bytes, w0 + 2 * row_bytes, w0 + 3 * row_bytes};
-    const float* sc4 = m.scales + (r / 4) * ng * 4;
+    const uint16_t* sc4 = m.scales + (r / 4) * ng * 4;
     for (int64_t t = 0; t < T; ++t) {
       const int8_t* xc = xq.codes(t);
       const float* xd = xq.scale(t);
@@ -263,7 +276,7 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
       if (bpg == 1) {  // a scale per block: fold the activation's into the 4 rows' at once
         for (int64_t b = 0; b < nb; ++b) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + b * QBLOCK));
-          const __m128 c4 = _mm_mul_ps(_mm_loadu_ps(sc4 + b * 4), _mm_set1_ps(xd[b]));
+          const __m128 c4 = _mm_mul_ps(scales4(sc4 + b * 4), _mm_set1_ps(xd[b]));
           const __m256 c8 = _mm256_set_m128(c4, c4);
           acc[0] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[0], b, nb), xv), VELOCIS_LANE(c8, 0), acc[0]);
           acc[1] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[1], b, nb), xv), VELOCIS_LANE(c8, 1), acc[1]);
@@ -278,7 +291,7 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
             const __m256 d = _mm256_set1_ps(xd[b]);
             for (int i = 0; i < 4; ++i) ga[i] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[i], b, nb), xv), d, ga[i]);
           }
-          const __m128 s4 = _mm_loadu_ps(sc4 + g * 4);
+          const __m128 s4 = scales4(sc4 + g * 4);
           const __m256 s8 = _mm256_set_m128(s4, s4);
           acc[0] = _mm256_fmadd_ps(ga[0], VELOCIS_LANE(s8, 0), acc[0]);
           acc[1] = _mm256_fmadd_ps(ga[1], VELOCIS_LANE(s8, 1), acc[1]);
@@ -288,9 +301,9 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
       }
       __m128 res = _mm_setr_ps(hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]));
       if (m.kind == Q4) {  // minus the 4 rows' zero-point terms, a group at a time
-        const float* sz4 = m.szs + (r / 4) * ng * 4;
+        const uint8_t* z4 = m.zeros + (r / 4) * ng * 4;
         for (int64_t g = 0; g < ng; ++g)
-          res = _mm_fnmadd_ps(_mm_loadu_ps(sz4 + g * 4), _mm_set1_ps(zsum[t * ng + g]), res);
+          res = _mm_fnmadd_ps(szeros4(sc4 + g * 4, z4 + g * 4), _mm_set1_ps(zsum[t * ng + g]), res);
       }
       float s[4];
       _mm_storeu_ps(s, res);
@@ -302,7 +315,7 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
     for (int64_t t = 0; t < T; ++t) {
       float s = qdot_scalar(m, r, xq, t);
       if (m.kind == Q4)
-        for (int64_t g = 0; g < ng; ++g) s -= scale_at(m.szs, r, g, ng) * zsum[t * ng + g];
+        for (int64_t g = 0; g < ng; ++g) s -= szero_at(m, r, g, ng) * zsum[t * ng + g];
       out[t * ostride + r] = s;
     }
 }
@@ -336,7 +349,7 @@ void rows_wonly(const Mat& m, int64_t T, const float* x, int64_t xstride, float*
   for (; r + 4 <= r1 && r % 4 == 0; r += 4) {
     const uint8_t* w0 = static_cast<const uint8_t*>(m.w) + r * row_bytes;
     const uint8_t* w[4] = {w0, w0 + row_bytes, w0 + 2 * row_bytes, w0 + 3 * row_bytes};
-    const float* sc4 = m.scales + (r / 4) * ng * 4;
+    const uint16_t* sc4 = m.scales + (r / 4) * ng * 4;
     for (int64_t t = 0; t < T; ++t) {
       const float* xt = x + t * xstride;
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -347,7 +360,7 @@ void rows_wonly(const Mat& m, int64_t T, const float* x, int64_t xstride, float*
             const __m256 xv = _mm256_loadu_ps(xt + b * QBLOCK + 8 * k);
             for (int i = 0; i < 4; ++i) ga[i] = _mm256_fmadd_ps(codes8(m, w[i], b, nb, k), xv, ga[i]);
           }
-        const __m128 s4 = _mm_loadu_ps(sc4 + g * 4);
+        const __m128 s4 = scales4(sc4 + g * 4);
         const __m256 s8 = _mm256_set_m128(s4, s4);
         acc[0] = _mm256_fmadd_ps(ga[0], VELOCIS_LANE(s8, 0), acc[0]);
         acc[1] = _mm256_fmadd_ps(ga[1], VELOCIS_LANE(s8, 1), acc[1]);
@@ -356,9 +369,9 @@ void rows_wonly(const Mat& m, int64_t T, const float* x, int64_t xstride, float*
       }
       __m128 res = _mm_setr_ps(hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3]));
       if (m.kind == Q4) {
-        const float* sz4 = m.szs + (r / 4) * ng * 4;
+        const uint8_t* z4 = m.zeros + (r / 4) * ng * 4;
         for (int64_t g = 0; g < ng; ++g)
-          res = _mm_fnmadd_ps(_mm_loadu_ps(sz4 + g * 4), _mm_set1_ps(gsum[t * ng + g]), res);
+          res = _mm_fnmadd_ps(szeros4(sc4 + g * 4, z4 + g * 4), _mm_set1_ps(gsum[t * ng + g]), res);
       }
       float s[4];
       _mm_storeu_ps(s, res);
@@ -376,8 +389,8 @@ void rows_wonly(const Mat& m, int64_t T, const float* x, int64_t xstride, float*
         for (int64_t c = g * m.group; c < (g + 1) * m.group; ++c)
           dot += (m.kind == Q8 ? static_cast<float>(reinterpret_cast<const int8_t*>(row)[c])
                                : static_cast<float>(q4_code(row, nb, c))) * xt[c];
-        s += scale_at(m.scales, r, g, ng) * dot;
-        if (m.kind == Q4) s -= scale_at(m.szs, r, g, ng) * gsum[t * ng + g];
+        s += scale_at(m, r, g, ng) * dot;
+        if (m.kind == Q4) s -= szero_at(m, r, g, ng) * gsum[t * ng + g];
       }
       out[t * ostride + r] = s;
     }
@@ -441,12 +454,15 @@ Mat make_mat(const at::Tensor* ts, const int64_t* meta) {
   m.kind = meta[0], m.rows = meta[1], m.cols = meta[2], m.group = meta[3];
   TORCH_CHECK(ts[0].is_contiguous(), "decode plan: weights must be contiguous");
   m.w = ts[0].data_ptr();
-  m.scales = vec_or_null(ts[1]);
-  m.szs = vec_or_null(ts[2]);
   if (m.quantized()) {
     TORCH_CHECK(m.cols % QBLOCK == 0 && m.group % QBLOCK == 0 && m.cols % m.group == 0,
                 "decode plan: quantized columns and groups must be multiples of 32");
-    TORCH_CHECK(m.scales && (m.kind == Q8 || m.szs), "decode plan: missing scales");
+    TORCH_CHECK(ts[1].scalar_type() == at::kHalf && ts[1].numel(), "decode plan: scales must be float16");
+    m.scales = reinterpret_cast<const uint16_t*>(ts[1].data_ptr<at::Half>());
+    if (m.kind == Q4) {
+      TORCH_CHECK(ts[2].scalar_type() == at::kByte && ts[2].numel() == ts[1].numel(), "decode plan: Q4 needs uint8 zero points");
+      m.zeros = ts[2].data_ptr<uint8_t>();
+    }
   }
   return m;
 }
@@ -682,10 +698,10 @@ at::Tensor decode_chunk(int64_t plan, const at::Tensor& tokens, int64_t start, a
 // One matrix against rows x [T, cols] -> [T, rows]: the kernels alone, for tests and QuantLinear.
 // exact: quantized weights against fp32 activations (weight-only, the reference's arithmetic).
 at::Tensor matvec(const at::Tensor& x, int64_t kind, const at::Tensor& w, const at::Tensor& scales,
-                  const at::Tensor& szs, int64_t rows, int64_t cols, int64_t group, bool exact) {
+                  const at::Tensor& zeros, int64_t rows, int64_t cols, int64_t group, bool exact) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.scalar_type() == at::kFloat, "matvec: x must be fp32 [T, ", cols, "]");
   const at::Tensor xc = x.contiguous();
-  const at::Tensor ts[3] = {w.contiguous(), scales, szs};
+  const at::Tensor ts[3] = {w.contiguous(), scales, zeros};
   const int64_t meta[4] = {kind, rows, cols, group};
   Mat m = make_mat(ts, meta);
   m.exact = exact;
@@ -706,7 +722,7 @@ TORCH_LIBRARY_FRAGMENT(velocis_cpu, m) {
   m.def("decode_plan_free(int plan) -> ()", decode_plan_free);
   m.def("decode_chunk(int plan, Tensor tokens, int start, Tensor(a!) kcache, Tensor(b!) vcache, Tensor cos, "
         "Tensor sin) -> Tensor");
-  m.def("matvec(Tensor x, int kind, Tensor w, Tensor scales, Tensor szs, int rows, int cols, int group, bool exact=False) -> Tensor");
+  m.def("matvec(Tensor x, int kind, Tensor w, Tensor scales, Tensor zeros, int rows, int cols, int group, bool exact=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(velocis_cpu, CPU, m) {
