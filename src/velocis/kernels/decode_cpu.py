@@ -64,10 +64,9 @@ def by_four_rows(per_row: torch.Tensor) -> torch.Tensor:
 
 def pack_matrix(module: nn.Module, what: str) -> tuple[list[torch.Tensor], list[int]]:
     """A projection -> ([weight, scales, zero points], [kind, rows, cols, group]) for the kernel (scales
-    float16 and zero points uint8, as QuantLinear stores them)."""
-    from velocis.quant.linear import QuantLinear
-
-    if isinstance(module, QuantLinear):
+    float16 and zero points uint8, as QuantLinear stores them). QuantLinear is recognised by its stored
+    codes (`qweight` + `spec`), not imported: quant/linear.py calls into this module."""
+    if hasattr(module, "qweight") and hasattr(module, "spec"):
         spec, rows, cols = module.spec, module.out_features, module.in_features
         if cols % QBLOCK or (spec.group_size or cols) % QBLOCK or module.qweight.shape[-1] * (2 if spec.bits == 4 else 1) != cols:
             raise Unsupported(f"{what}: {cols} input columns are not a multiple of 32")
