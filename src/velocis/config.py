@@ -2,8 +2,8 @@
 
 A block is a token *mixer* plus a *feed-forward*, chosen per layer from the registries
 (velocis.models.registry; the names valid here are the registered ones):
-  mixer:        "attention" (MHA/GQA/MQA by num_kv_heads) | "mla"
-  feed_forward: "mlp" (SwiGLU) | "moe" (sparse mixture of experts)
+  mixer:        "attention" (MHA/GQA/MQA by num_kv_heads) | "mla" | "mamba2" (state space, ssm_* fields)
+  feed_forward: "mlp" (SwiGLU) | "moe" (sparse mixture of experts) | "none" (a mixer-only layer)
 `layer_mixers` / `layer_feed_forwards` give the per-layer choice; when None, every layer uses
 `mixer`, and the feed-forward is "moe" when num_experts > 0 (except the first
 `first_dense_layers`), else "mlp".
@@ -48,6 +48,9 @@ class ModelConfig:
     # --- per-layer choice of parts ---
     mixer: str = "attention"
     layer_mixers: list[str] | None = None
+    # a repeating per-layer pattern (e.g. 3 x "gated_deltanet" then "gated_attention"): layer i uses
+    # mixer_pattern[i % len]; layer_mixers, when given, wins
+    mixer_pattern: list[str] | None = None
     layer_feed_forwards: list[str] | None = None
 
     # --- sparse mixture of experts (feed_forward == "moe") ---
@@ -83,6 +86,34 @@ class ModelConfig:
     index_head_dim: int = 128
     index_topk: int = 2048
     indexer_loss_coef: float = 1.0  # the indexer's KL objective (only while it trains; see models/dsa.py)
+
+    # --- linear attention (mixer "gated_deltanet", Qwen3-Next's Gated DeltaNet; models/deltanet.py) ---
+    linear_num_key_heads: int | None = None  # None -> num_heads
+    linear_num_value_heads: int | None = None  # None -> linear_num_key_heads (a multiple of it)
+    linear_key_head_dim: int | None = None  # None -> head_dim
+    linear_value_head_dim: int | None = None  # None -> head_dim
+    linear_conv_kernel: int = 4  # the short causal convolution over q, k, v
+
+    # --- gated attention (mixer "gated_attention", Qwen3-Next's; models/gated_attention.py) ---
+    partial_rotary_factor: float = 1.0  # RoPE on the first factor * head_dim dims of each head
+
+    # --- shared expert of an MoE layer (Qwen3-Next) ---
+    shared_expert_dim: int | None = None  # None -> moe_dim * num_shared_experts
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(a per-token Linear(hidden, 1))
+
+    # --- Mamba-2 state-space mixer (mixer "mamba2", models/mamba2.py) ---
+    ssm_state_size: int = 128  # N: state size of each head
+    ssm_head_dim: int = 64  # P: channels per head; heads = ssm_expand * hidden_dim / ssm_head_dim
+    ssm_num_groups: int = 1  # G: B and C are shared by the heads of a group (as kv heads in GQA)
+    ssm_expand: int = 2  # inner width = ssm_expand * hidden_dim
+    ssm_conv_kernel: int = 4  # the short causal depthwise convolution over x, B, C
+    ssm_chunk_size: int = 256  # chunk length of the SSD scan (training, prefill)
+    ssm_dt_min: float = 0.001  # initial time steps: log-uniform in [dt_min, dt_max], at least dt_floor
+    ssm_dt_max: float = 0.1
+    ssm_dt_floor: float = 1e-4
+    ssm_dt_limit: list[float] | None = None  # [lo, hi]: clamp every time step (None: no clamp)
+    ssm_conv_bias: bool = True
+    ssm_proj_bias: bool = False  # bias on in_proj and out_proj
 
     # --- special tokens (filled from the tokenizer) ---
     bos_token_id: int | None = None
@@ -148,11 +179,22 @@ class ModelConfig:
                     f"leave eligible; raise topk_groups or lower num_experts_per_token")
             if self.router_score not in ("softmax", "sigmoid"):
                 bad(f"router_score {self.router_score!r} must be 'softmax' or 'sigmoid'")
+            if self.shared_expert_gate and self.num_shared_experts == 0:
+                bad("shared_expert_gate needs a shared expert; set num_shared_experts >= 1 or shared_expert_gate=False")
             if self.balance not in ("aux_loss", "aux_free", "none"):
                 bad(f"balance {self.balance!r} must be 'aux_loss', 'aux_free' or 'none'")
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "indexer_loss_coef", "mtp_loss_weight"):
             if not getattr(self, name) >= 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mixer_pattern is not None and not self.mixer_pattern:
+            bad("mixer_pattern is empty; give at least one mixer name, or null")
+        if not 0 < self.partial_rotary_factor <= 1:
+            bad(f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1]")
+        if self.partial_rotary_factor != 1 and "attention" in self.mixers():
+            bad("partial_rotary_factor applies to 'gated_attention' layers only; the 'attention' mixer rotates "
+                "whole heads: use mixer 'gated_attention' or partial_rotary_factor=1")
+        if "mamba2" in self.mixers():
+            self._validate_mamba2(bad)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             if kind not in ("linear", "ntk", "dynamic", "yarn", "llama3"):
@@ -169,6 +211,24 @@ class ModelConfig:
             except VelocisError as e:
                 bad(str(e))
 
+    def _validate_mamba2(self, bad) -> None:
+        for name in ("ssm_state_size", "ssm_head_dim", "ssm_num_groups", "ssm_expand", "ssm_conv_kernel",
+                     "ssm_chunk_size"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        inner = self.ssm_expand * self.hidden_dim
+        if inner % self.ssm_head_dim:
+            bad(f"ssm_expand * hidden_dim ({inner}) must be a multiple of ssm_head_dim ({self.ssm_head_dim})")
+        if (inner // self.ssm_head_dim) % self.ssm_num_groups:
+            bad(f"the {inner // self.ssm_head_dim} Mamba-2 heads (ssm_expand * hidden_dim / ssm_head_dim) must be "
+                f"divisible by ssm_num_groups ({self.ssm_num_groups})")
+        if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
+            bad(f"ssm_dt_min {self.ssm_dt_min} and ssm_dt_max {self.ssm_dt_max} must satisfy 0 < min <= max")
+        lim = self.ssm_dt_limit
+        if lim is not None and (len(lim) != 2 or not all(isinstance(v, (int, float)) for v in lim)
+                                or not 0 <= lim[0] < lim[1]):
+            bad(f"ssm_dt_limit {lim!r} must be [lo, hi] with 0 <= lo < hi (or null for no clamp)")
+
     # per-layer parts ----------------------------------------------------
     def mixers(self) -> list[str]:
         if self.layer_mixers is not None:
@@ -177,6 +237,8 @@ class ModelConfig:
                     f"invalid model config: layer_mixers has {len(self.layer_mixers)} entries but num_layers is {self.num_layers}"
                 )
             return list(self.layer_mixers)
+        if self.mixer_pattern:
+            return [self.mixer_pattern[i % len(self.mixer_pattern)] for i in range(self.num_layers)]
         return [self.mixer] * self.num_layers
 
     def feed_forwards(self) -> list[str]:
@@ -275,6 +337,39 @@ PRESETS["llama3-8b"] = dict(vocab_size=128256, hidden_dim=4096, num_layers=32, n
 PRESETS["qwen2.5-0.5b"] = dict(vocab_size=151936, hidden_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
                                mlp_dim=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,
                                tie_embeddings=True, qkv_bias=True)
+# Hybrid linear-attention stacks (Qwen3-Next's layout: three Gated DeltaNet layers, then one gated
+# attention layer; models/deltanet.py, models/gated_attention.py).
+_QWEN3_NEXT_PATTERN = ["gated_deltanet"] * 3 + ["gated_attention"]
+# ~125M (dense SwiGLU MLPs, the size of "small"): 12 layers = 9 DeltaNet (6 key / 12 value heads of 64)
+# + 3 gated attention (12 heads of 64, 4 KV heads, RoPE on a quarter of each head); trains on a CPU.
+PRESETS["hybrid-small"] = dict(vocab_size=32000, hidden_dim=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                               head_dim=64, mlp_dim=2624, max_seq_len=2048, tie_embeddings=True,
+                               mixer_pattern=_QWEN3_NEXT_PATTERN, qk_norm=True, partial_rotary_factor=0.25,
+                               linear_num_key_heads=6, linear_num_value_heads=12, linear_key_head_dim=64,
+                               linear_value_head_dim=64, linear_conv_kernel=4)
+# Qwen3-Next-80B-A3B (transformers' Qwen3NextForCausalLM with the published config): 48 layers in the
+# 3:1 pattern; MoE everywhere: 512 experts of width 512, top-10, + one gated shared expert of 512;
+# 262K context, RoPE theta 1e7 on a quarter of each 256-wide head. HF's balance coefficient 0.001 is
+# 10x here (Velocis normalises the loss per routed assignment, models/moe.py). The MTP module of the
+# released checkpoint is not part of this shape (transformers drops it too).
+PRESETS["qwen3-next-80b-a3b"] = dict(
+    vocab_size=151936, hidden_dim=2048, num_layers=48, num_heads=16, num_kv_heads=2, head_dim=256, mlp_dim=5120,
+    max_seq_len=262144, norm_eps=1e-6, tie_embeddings=False, rope_theta=10000000.0,
+    mixer_pattern=_QWEN3_NEXT_PATTERN, qk_norm=True, partial_rotary_factor=0.25,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel=4, num_experts=512, num_experts_per_token=10, moe_dim=512, num_shared_experts=1,
+    shared_expert_dim=512, shared_expert_gate=True, router_score="softmax", router_norm_topk=True,
+    balance="aux_loss", aux_loss_coef=0.01, bos_token_id=151643, eos_token_id=151645)
+
+# Mamba-2 2.7B (state-spaces/mamba2-2.7b, Dao & Gu 2024): 64 mixer-only Mamba-2 layers of width 2560
+# (80 heads of 64, state 128, one group, conv 4, chunk 256), GPT-NeoX vocabulary 50277 padded to 50288,
+# tied embedding: 2,702,599,680 parameters, the published "2.7B" (tests/test_mamba2.py counts it
+# against transformers' Mamba2ForCausalLM built on the meta device). A recurrent model has no
+# positional limit; max_seq_len only sizes contexts (it was trained on 2K).
+PRESETS["mamba2-2.7b"] = dict(vocab_size=50288, hidden_dim=2560, num_layers=64, num_heads=1, max_seq_len=131072,
+                              tie_embeddings=True, mixer="mamba2", layer_feed_forwards=["none"] * 64,
+                              ssm_state_size=128, ssm_head_dim=64, ssm_num_groups=1, ssm_expand=2,
+                              ssm_conv_kernel=4, ssm_chunk_size=256, eos_token_id=0)
 
 
 def preset_names() -> list[str]:

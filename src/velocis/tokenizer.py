@@ -25,6 +25,21 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 
+# Velocis' chat format over the role tokens (rendered by serve/chat_template.py, saved as
+# tokenizer_config.json's "chat_template" so transformers' apply_chat_template gives the same tokens).
+# One expression per turn, so trim_blocks/lstrip_blocks cannot eat the newlines that belong to it.
+# "developer" is OpenAI's newer name for the system role.
+VELOCIS_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set role = 'system' if message['role'] == 'developer' else message['role'] -%}"
+    "{%- if role not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('this model knows the roles system, user and assistant, not ' + role) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + role + '|>\\n' + (message['content'] or '') + '<|end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # English contractions
     r"|[^\r\n\p{L}\p{N}]?(?:\p{Han}+|[\p{L}&&[^\p{Han}]]+)"  # a word (Han runs apart from other letters)
@@ -61,6 +76,8 @@ class Tokenizer:
         self.bos_id = self._find(config.get("bos_token"), _BOS_NAMES)
         self.eos_id = self._find(config.get("eos_token"), _EOS_NAMES)
         self.pad_id = self._find(config.get("pad_token"), _PAD_NAMES)
+        # a loaded model's own chat template (imported models keep theirs through a save)
+        self.chat_template = config.get("chat_template") or None
 
     def _find(self, configured, names: list[str]) -> int | None:
         if isinstance(configured, dict):  # {"content": "<s>", ...} in tokenizer_config.json
@@ -152,6 +169,9 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 config = {}
+        jinja_file = file.parent / "chat_template.jinja"  # where newer transformers saves the template
+        if not config.get("chat_template") and jinja_file.is_file():
+            config["chat_template"] = jinja_file.read_text(encoding="utf-8")
         tok = cls(hf, config)
         if path.is_dir() and (path / "index.json").is_file():
             check_tokenizer_matches(path, tok)
@@ -177,6 +197,9 @@ class Tokenizer:
         chat = [t for t in (SYSTEM, USER, ASSISTANT, END) if self._tok.token_to_id(t) is not None]
         if chat:
             config["additional_special_tokens"] = special["additional_special_tokens"] = chat
+        template = self.chat_template or (VELOCIS_TEMPLATE if len(chat) == 4 else None)
+        if template:
+            config["chat_template"] = template
         atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False) + "\n")
         return out

@@ -110,19 +110,25 @@ def train_config_for(args, output_dir: Path, data_dir: Path, model_config: Model
 
 
 def run(args) -> int:
+    from velocis.train import distributed
     from velocis.train.run_dir import check_run_dir, locked_run_dir
 
     preset = args.fixed_preset or args.preset
     get_preset(preset)  # an unknown preset fails here, before any work
     output_dir = Path(args.output_dir or f"runs/{preset if not args.custom else 'custom'}")
     check_run_dir(output_dir, args.overwrite, bool(args.resume))  # before any data is prepared into it
-    with locked_run_dir(output_dir):  # one writer: a second training or resume here is refused
-        return _run(args, preset, output_dir)
+    # under torchrun: join the other processes (checking --world-size) before any of them writes
+    distributed.setup(args.world_size, args.device or TrainConfig.device, args.dist_timeout or TrainConfig.dist_timeout)
+    try:
+        with locked_run_dir(output_dir):  # one writer (rank 0): a second training or resume here is refused
+            return _run(args, preset, output_dir)
+    finally:
+        distributed.shutdown()
 
 
 def _run(args, preset: str, output_dir: Path) -> int:
     from velocis.tokenizer import Tokenizer
-    from velocis.train import train
+    from velocis.train import distributed, train
     from velocis.train.prepare import prepare_run_data
 
     d = DEFAULTS.get(preset, DEFAULTS["custom"] if args.custom else DEFAULTS["micro"])
@@ -135,15 +141,19 @@ def _run(args, preset: str, output_dir: Path) -> int:
     else:
         with warnings.catch_warnings(record=True) as caught:  # e.g. "the text only supports N tokens"
             warnings.simplefilter("always", UserWarning)
-            data_dir = prepare_run_data(output_dir, args.chinese_path, args.english_path,
-                                        vocab_size=args.vocab_size or d["vocab_size"], tokenizer_dir=args.tokenizer,
-                                        on_invalid_utf8=args.on_invalid_utf8, encoding=args.encoding)
-        for w in caught:
+            # several processes: rank 0 prepares, the others then find it prepared
+            data_dir = distributed.main_first(lambda: prepare_run_data(
+                output_dir, args.chinese_path, args.english_path, vocab_size=args.vocab_size or d["vocab_size"],
+                tokenizer_dir=args.tokenizer, on_invalid_utf8=args.on_invalid_utf8, encoding=args.encoding,
+                progress=distributed.is_main()))
+        for w in caught if distributed.is_main() else ():
             print(f"velocis {args.command}: warning: {w.message}", file=sys.stderr)
     tokenizer = Tokenizer.load(data_dir)
     model_config = model_config_for(args, tokenizer)
     cfg = train_config_for(args, output_dir, data_dir, model_config)
     result = train(cfg, model_config, resume=args.resume, overwrite=args.overwrite)
+    if not distributed.is_main():
+        return 0
     summary = f"done: {result.step} steps, {result.tokens:,} tokens in {result.elapsed_s / 60:.1f} min"
     if result.val:
         summary += f"; val bpb {result.val[0][2]:.3f} -> {result.val[-1][2]:.3f}"

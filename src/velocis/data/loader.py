@@ -128,10 +128,24 @@ class PackedLoader:
                 "split": self.split, "num_tokens": self.num_tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seq_len", "batch_size", "world_size", "split", "num_tokens", "seed"):
+        """A position saved at another world size (or per-rank batch) continues at the same place in
+        the epoch's sequence order: its `step` batches of batch_size x world_size sequences are then
+        counted in this loader's batches (which must fit a whole number of times)."""
+        for key in ("seq_len", "split", "num_tokens", "seed"):
             if key in state and state[key] != getattr(self, key):
                 raise VelocisError(
                     f"the saved data position was taken with {key}={state[key]}, this loader has "
                     f"{getattr(self, key)}; resume with the same data and settings"
                 )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        saved = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))
+        here = self.batch_size * self.world_size
+        if saved != here:
+            if (step * saved) % here:
+                raise VelocisError(
+                    f"the saved data position ({step} batches of {saved} sequences over all ranks) is not a whole "
+                    f"number of batches of {here} (batch_size {self.batch_size} x world_size {self.world_size}); "
+                    f"resume with the same global batch"
+                )
+            step = step * saved // here
+        self.epoch, self.step = epoch, step

@@ -33,6 +33,14 @@ draft_model="mtp" drafts with the target's own multi-token-prediction module (De
 self-speculation, one token per step): it reads the target's hidden state of each position, kept
 from the target's forwards, and keeps its own KV in one more pool. Requests with penalties or
 logprobs decode without drafts. Prefix caching is off while drafting.
+
+Recurrent layers (Mamba-2, Gated DeltaNet: cache kind "state") run too, alone or mixed with
+attention: each running sequence owns a state slot beside its blocks (infer/paged.py: StateSlots),
+zeroed when it is admitted, carried across its prompt chunks and decode steps, freed with it (a
+preempted sequence recomputes from zero). Such models take the padded forwards (the decodes
+together, each prompt chunk alone: no padding ever enters a state). A state holds every token
+before it and cannot be rolled back or shared, so prefix caching is off for them (asking for it
+is an error) and speculative decoding is refused.
 """
 from __future__ import annotations
 
@@ -125,15 +133,29 @@ def _budget_bytes(kv_cache_memory, device: torch.device) -> int:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, block_size: int = 16,
-                 kv_cache_memory: int | float = 0.25, max_prefill_tokens: int = 512, prefix_caching: bool = True,
-                 draft_model=None, num_speculative_tokens: int = 4):
+                 kv_cache_memory: int | float = 0.25, max_prefill_tokens: int = 512,
+                 prefix_caching: bool | None = None, draft_model=None, num_speculative_tokens: int = 4):
+        """prefix_caching: None = on wherever the model allows it (not with recurrent state layers)."""
         for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
                         ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise VelocisError(f"{name} must be a positive integer, got {v!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
-        self.max_prefill_tokens, self.prefix_caching = max_prefill_tokens, prefix_caching
+        recurrent = sorted({b.mixer_name for b in model.layers if b.mixer.cache_kind == "state"})
+        if recurrent and prefix_caching:
+            raise VelocisError(f"prefix_caching: this model has recurrent state layers ({', '.join(recurrent)}) whose "
+                               f"state after a prefix is not kept, so prefixes cannot be shared; leave it unset or False")
+        if recurrent and draft_model is not None:
+            raise VelocisError(f"draft_model: speculative decoding rolls back rejected tokens, and this model's recurrent "
+                               f"state layers ({', '.join(recurrent)}) keep no checkpoints to roll back to; decode "
+                               f"without a draft")
+        if draft_model is not None and not isinstance(draft_model, str) and any(
+                b.mixer.cache_kind == "state" for b in draft_model.layers):
+            raise VelocisError("draft_model has recurrent state layers, which cannot roll back rejected drafts; "
+                               "draft with an attention model")
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_caching = not recurrent if prefix_caching is None else bool(prefix_caching)
         self.context = model.config.max_seq_len
         dtype_bytes = model.dtype.itemsize
         # never more blocks than every slot filled to the full context can use (+ the scratch block)
@@ -142,9 +164,9 @@ class Engine:
         if draft_model is not None and not isinstance(draft_model, str):  # the draft's pools take their share
             budget = budget * model.cache_bytes(dtype_bytes)[0] // (
                 model.cache_bytes(dtype_bytes)[0] + draft_model.cache_bytes(draft_model.dtype.itemsize)[0])
-        num_blocks = min(most, blocks_for_budget(model, budget, block_size, dtype_bytes))
+        num_blocks = min(most, blocks_for_budget(model, budget, block_size, dtype_bytes, max_num_seqs))
         self.allocator = BlockAllocator(num_blocks)
-        self.cache = PagedCache(model, num_blocks, block_size)
+        self.cache = PagedCache(model, num_blocks, block_size, num_slots=max_num_seqs)
         self.draft, self.draft_cache, self.mtp, self.k = None, None, None, num_speculative_tokens
         if isinstance(draft_model, str):
             pool = model.draft_cache(num_blocks, block_size) if draft_model == "mtp" else None
@@ -455,6 +477,7 @@ class Engine:
             seq = self.waiting.popleft()
             self.running.append(seq)
             seq.slot = heapq.heappop(self.free_slots)
+            self.cache.reset_slot(seq.slot)  # a recurrent state starts from zeros
             self._reuse_prefix(seq)
             if self.packed and seq.num_computed:
                 self.cache.load(seq.slot, seq.blocks, seq.num_computed, self.max_num_seqs)
@@ -486,7 +509,7 @@ class Engine:
         ids = torch.tensor([c + [pad] * (T - len(c)) for c in chunks], device=self.model.device)
         start = torch.tensor([s.num_computed for s in seqs], device=self.model.device)
         positions = start[:, None] + torch.arange(T, device=self.model.device)
-        self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1)
+        self.cache.bind([s.blocks for s in seqs], int(positions.max()) + 1, [s.slot for s in seqs])
         last = torch.tensor([len(c) - 1 for c in chunks], device=self.model.device)
         out = self.model(ids, cache=self.cache, positions=positions, logits_at=last, return_hidden=True)
         logits = out.logits[:, -1]

@@ -21,6 +21,13 @@ read once per step and the products have N rows (the C++ GEMM's shapes) with no 
 mixers that know the layout (`Mixer.packed_attention`) then call `PagedLayer.attend_packed`: it
 writes the step's keys and values into their slots, attends the decode tokens together over their
 gathered blocks, and each prompt chunk causally (a chunk that starts the sequence needs no gather).
+
+Recurrent layers (cache kind "state": Mamba-2, Gated DeltaNet) keep no per-token cache: each running
+sequence owns a state slot, beside its blocks, from admission to its end (`StateSlots`). The layer's
+own cache, built by its mixer for max_num_seqs rows, is what the mixer sees; for one forward its
+buffers are swapped for the rows' slots, so mixers that update their state in place run unchanged.
+Such models take the engine's padded forwards (one row per sequence, never padded in time); their
+states cannot be rolled back or shared, so prefix caching and speculative decoding are refused.
 """
 from __future__ import annotations
 
@@ -171,9 +178,6 @@ class PagedLayer(LayerCache):
         super().__init__(max_len=0)
         self.pool, self.tables = pool, tables
         self.kind, self.slot_dims = pool.kind, pool.slot_dims
-        if pool.kind == "state":
-            raise VelocisError("the paged engine keeps per-token caches; this model has recurrent state layers")
-
         self.work: tuple[torch.Tensor, torch.Tensor] | None = None  # packed steps' per-sequence k/v
 
     @property
@@ -251,41 +255,109 @@ class PagedLayer(LayerCache):
             w[slot, :, :length] = pool[table].transpose(0, 1).reshape(kv, len(blocks) * bs, d)[:, :length]
 
 
-class PagedCache:
-    """What the model gets as `cache=` for one engine forward: its rows' block tables over the pools.
-    Positions are always given explicitly by the engine (each row's computed length onwards)."""
+class StateSlots:
+    """The state slots of a model's recurrent layers. Each such layer's cache holds `num_slots` rows
+    (its buffers [num_slots, ...]); a running sequence keeps one slot. `bind(slots)` swaps every
+    buffer for the forward's rows, in order: a view when they are slots 0..B-1, else a gathered copy;
+    `release()` writes gathered rows back to their slots and restores the whole buffers."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, device=None, dtype=None):
+    def __init__(self, caches: list[LayerCache]):
+        self.caches = caches
+        self.pools = [{name: buf for name, buf in c.named_buffers(recurse=False)} for c in caches]
+        self.index: torch.Tensor | None = None  # the bound rows' slots when gathered
+        self.views: list[dict[str, torch.Tensor]] = []  # what bind set, per cache
+        self.bound = False
+
+    def bind(self, slots: list[int]) -> None:
+        self.release()
+        n = len(slots)
+        in_order = slots == list(range(n))
+        first = next(iter(self.pools[0].values()))
+        self.index = None if in_order else torch.tensor(slots, dtype=torch.long, device=first.device)
+        self.views = [{name: buf[:n] if in_order else buf[self.index] for name, buf in pool.items()}
+                      for pool in self.pools]
+        for cache, views in zip(self.caches, self.views):
+            for name, rows in views.items():
+                setattr(cache, name, rows)
+        self.bound = True
+
+    def release(self) -> None:
+        if not self.bound:
+            return
+        for cache, pool, views in zip(self.caches, self.pools, self.views):
+            for name, buf in pool.items():
+                rows = getattr(cache, name)
+                if self.index is not None:
+                    buf[self.index] = rows
+                elif rows is not views[name]:  # a mixer that replaced its buffer rather than writing into it
+                    buf[:rows.shape[0]] = rows
+                setattr(cache, name, buf)
+        self.bound = False
+
+    def reset(self, slot: int) -> None:
+        """A new sequence takes `slot`: its state starts from zeros (the layer cache's own reset)."""
+        self.release()
+        rows = torch.tensor([slot], dtype=torch.long, device=next(iter(self.pools[0].values())).device)
+        for cache in self.caches:
+            cache.reset(rows)
+
+
+class PagedCache:
+    """What the model gets as `cache=` for one engine forward: its rows' block tables over the pools,
+    and for recurrent layers their rows' state slots. Positions are always given explicitly by the
+    engine (each row's computed length onwards)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, device=None, dtype=None, num_slots: int = 1):
         ref = model.embed_tokens.weight
         device, dtype = device or ref.device, dtype or ref.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.tables = BlockTables(block_size, device)
-        self.layers = [PagedLayer(b.mixer.new_cache(num_blocks, block_size, device, dtype), self.tables)
-                       for b in model.layers]
+        self.layers: list[LayerCache] = []
+        states = []
+        for b in model.layers:
+            if b.mixer.cache_kind == "state":  # a fixed-size state per sequence: one slot per running sequence
+                states.append(b.mixer.new_cache(num_slots, block_size, device, dtype))
+                self.layers.append(states[-1])
+            else:
+                self.layers.append(PagedLayer(b.mixer.new_cache(num_blocks, block_size, device, dtype), self.tables))
+        self.paged = [layer for layer in self.layers if isinstance(layer, PagedLayer)]
+        self.states = StateSlots(states) if states else None
         self.max_len = model.config.max_seq_len
         for layer in self.layers:
             layer.max_len = self.max_len
         self.batch_size = 0
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
 
-    def bind(self, tables: list[list[int]], max_len: int) -> None:
-        """Point the pools at these rows' block tables for the next forward (max_len: longest row after it)."""
+    def bind(self, tables: list[list[int]], max_len: int, slots: list[int] | None = None) -> None:
+        """Point the pools at these rows' block tables for the next forward (max_len: longest row after it)
+        and, for recurrent layers, at the rows' state slots."""
         self.tables.set(tables, math.ceil(max_len / self.block_size))
         self.batch_size = len(tables)
+        if self.states is not None:
+            if slots is None or len(slots) != len(tables):
+                raise VelocisError("this model has recurrent state layers: bind every row's state slot")
+            self.states.bind(slots)
+
+    def reset_slot(self, slot: int) -> None:
+        """A sequence starts in this state slot (no-op for a model without recurrent layers)."""
+        if self.states is not None:
+            self.states.reset(slot)
 
     def bind_packed(self, starts: list[int], lengths: list[int], tables: list[list[int]], slots: list[int],
                     num_slots: int) -> torch.Tensor:
         """Set up a packed forward (one row: the segments' tokens back to back, single-token ones
         first, each sequence in its working-copy slot < num_slots); returns its positions [1, N]."""
+        if self.states is not None:
+            raise VelocisError("packed steps run attention layers only; this model has recurrent state layers")
         step = PackedStep(starts, lengths, tables, slots, self.block_size, self.tables.device)
-        for layer in self.layers:
+        for layer in self.paged:
             layer.reserve(num_slots, step.length)
         self.tables.packed, self.batch_size = step, 1
         return step.positions[None]
 
     def load(self, slot: int, blocks: list[int], length: int, num_slots: int) -> None:
         """Copy a sequence's cached prefix (its first `length` positions) into its working-copy slot."""
-        for layer in self.layers:
+        for layer in self.paged:
             layer.reserve(num_slots, length)
             layer.load(slot, blocks, length)
 
@@ -293,11 +365,19 @@ class PagedCache:
         raise VelocisError("the engine passes positions explicitly to a paged cache")
 
     def advance(self, ids: torch.Tensor) -> None:
-        """The engine tracks each sequence's computed length itself."""
+        """The forward is over (the model calls this last): gathered state rows go back to their slots.
+        The engine tracks each sequence's computed length itself."""
+        if self.states is not None:
+            self.states.release()
 
 
-def blocks_for_budget(model, budget_bytes: int, block_size: int, dtype_bytes: int) -> int:
+def blocks_for_budget(model, budget_bytes: int, block_size: int, dtype_bytes: int, num_slots: int = 0) -> int:
+    """KV blocks that fit in the budget once `num_slots` sequences' recurrent states are set aside
+    (unbounded, 2**62, for a model without per-token caches: the caller caps it)."""
     per_token, per_seq = model.cache_bytes(dtype_bytes)
-    if per_seq:
-        raise VelocisError("the paged engine keeps per-token caches; this model has recurrent state layers")
-    return int(budget_bytes // (per_token * block_size))
+    left = budget_bytes - per_seq * num_slots
+    if per_seq and left < (2 * per_token * block_size or 1):
+        raise VelocisError(f"kv_cache_memory ({budget_bytes:,} bytes) does not hold the recurrent state of "
+                           f"max_num_seqs = {num_slots} sequences ({per_seq:,} bytes each) and two KV blocks; "
+                           f"give the engine more memory or fewer sequences")
+    return int(left // (per_token * block_size)) if per_token else 2**62

@@ -3,7 +3,7 @@ converter from the registry (interop/hf_registry.py), build the Velocis model; e
 config.json, model.safetensors, generation_config.json and the tokenizer.
 
 Converters: hf_dense.py (Llama, Mistral, Qwen2, Qwen3), hf_moe.py (Mixtral, Qwen3-MoE),
-hf_deepseek.py (DeepSeek-V3, V3.2); a new architecture adds a module that registers itself and one
+hf_deepseek.py (DeepSeek-V3, V3.2), hf_qwen3_next.py (Qwen3-Next), hf_mamba2.py (Mamba-2); a new architecture adds a module that registers itself and one
 import line below.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 from velocis.errors import VelocisError
 from velocis.interop import hf_deepseek, hf_dense, hf_moe  # noqa: F401  (each registers its architectures)
+from velocis.interop import hf_qwen3_next  # noqa: F401  (Qwen3-Next: Gated DeltaNet + gated attention + MoE)
+from velocis.interop import hf_mamba2  # noqa: F401  (Mamba-2: SSD mixers, no feed-forward)
 from velocis.interop.hf_registry import HF_ARCHITECTURES, Converter, Tensors
 
 # --------------------------------------------------------------------------- reading / writing dirs
@@ -32,7 +34,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 # a config.json without "architectures" (e.g. PretrainedConfig.save_pretrained) names its model_type only
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
+               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+               "qwen3_next": "Qwen3NextForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 
 
 def converter_for(hf: dict[str, Any], where: str | Path = "") -> tuple[str, Converter]:

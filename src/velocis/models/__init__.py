@@ -15,6 +15,8 @@ from __future__ import annotations
 
 # Part modules register themselves on import: every mixer and feed-forward is listed here.
 from velocis.models import attention, layers, mla, moe  # noqa: F401
+from velocis.models import mamba2  # noqa: F401
+from velocis.models import deltanet, gated_attention  # noqa: F401  (Qwen3-Next: Gated DeltaNet, gated attention)
 from velocis.models.block import Block
 from velocis.models.cache import Cache
 from velocis.models.decoder import VelocisModel

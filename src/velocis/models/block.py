@@ -5,6 +5,7 @@
 
 A part returns its output, or (output, aux) where aux maps an auxiliary-loss family (registry
 AUX_LOSSES) to an unweighted scalar; the block returns (x, aux) with both parts' entries.
+The feed-forward "none" makes a mixer-only layer (Mamba-2's blocks): no feed-forward, no norm for it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from torch import nn
 
 from velocis.errors import VelocisError
 from velocis.models.layers import RMSNorm
-from velocis.models.registry import FEED_FORWARDS, MIXERS
+from velocis.models.registry import FEED_FORWARDS, MIXERS, register_feed_forward
+
+NO_FEED_FORWARD = "none"
+
+
+@register_feed_forward(NO_FEED_FORWARD)
+class NoFeedForward(nn.Module):
+    """The registry's entry for "none" (so configs and the CLI know the name); a block never builds it."""
 
 
 def split_aux(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -31,11 +39,16 @@ class Block(nn.Module):
         self.mixer_name, self.feed_forward_name = mixer, ff
         self.mixer_norm = RMSNorm(config.hidden_dim, config.norm_eps)
         self.mixer = MIXERS[mixer](config, layer_idx)
-        self.ff_norm = RMSNorm(config.hidden_dim, config.norm_eps)
-        self.feed_forward = FEED_FORWARDS[ff](config, layer_idx)
+        if ff == NO_FEED_FORWARD:
+            self.ff_norm = self.feed_forward = None
+        else:
+            self.ff_norm = RMSNorm(config.hidden_dim, config.norm_eps)
+            self.feed_forward = FEED_FORWARDS[ff](config, layer_idx)
 
     def forward(self, x: torch.Tensor, pos, cache=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         y, aux = split_aux(self.mixer(self.mixer_norm(x), pos, cache))
         x = x + y
+        if self.feed_forward is None:
+            return x, aux
         y, ff_aux = split_aux(self.feed_forward(self.ff_norm(x)))
         return x + y, {**aux, **ff_aux} if ff_aux else aux

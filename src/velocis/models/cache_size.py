@@ -4,9 +4,12 @@ Each mixer declares its cache bytes (models/mixer.py); per layer and token:
   attention (MHA/GQA/MQA):  2 * num_kv_heads * head_dim                 numbers (K and V)
   MLA:                      kv_lora_rank + qk_rope_head_dim              (latent c + shared rotary key)
   MLA + DSA (V3.2):         kv_lora_rank + qk_rope_head_dim + index_head_dim   (+ the indexer's key)
-times dtype_bytes (2 for bf16). `measured_kv_cache_bytes_per_token` builds the model and its cache on
-the meta device and sums the cache buffers, so the declarations are checked against what is
-allocated. The MTP modules' own caches (only used when drafting) are not counted.
+times dtype_bytes (2 for bf16). Recurrent layers ("state" caches: Mamba-2, Gated DeltaNet) cost
+nothing per token and a fixed state per sequence (`cache_bytes_per_sequence`; Mamba-2: the conv window
+(I + 2 G N) (K-1) at dtype_bytes plus the fp32 SSM state H P N). `measured_kv_cache_bytes_per_token` and
+`measured_state_bytes_per_sequence` build the model and its cache on the meta device and sum the
+cache buffers, so the declarations are checked against what is allocated. The MTP modules' own
+caches (only used when drafting) are not counted.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from velocis.config import ModelConfig
 from velocis.models.count import _active, _n, human, human_bytes
 from velocis.models.decoder import VelocisModel
+from velocis.models.registry import MIXERS
 
 
 def _meta_model(config: ModelConfig):
@@ -32,8 +36,24 @@ def measured_kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = 
     model = _meta_model(config)
     with torch.device("meta"):
         cache = model.new_cache(1, min(max_len, config.max_seq_len), device="meta", dtype=dtype)
-    total = sum(b.numel() * b.element_size() for layer in cache.layers for b in layer.buffers())
+    total = sum(b.numel() * b.element_size() for layer in cache.layers if layer.kind != "state"
+                for b in layer.buffers())
     return total // cache.max_len
+
+
+def measured_state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the fixed-size ("state") layer caches `model.new_cache` allocates for one sequence."""
+    model = _meta_model(config)
+    with torch.device("meta"):
+        cache = model.new_cache(1, min(16, config.max_seq_len), device="meta", dtype=dtype)
+    return sum(b.numel() * b.element_size() for layer in cache.layers if layer.kind == "state"
+               for b in layer.buffers())
+
+
+def cache_bytes_at(config: ModelConfig, lengths=(1024, 4096, 16384, 32768), dtype_bytes: int = 2) -> list[tuple[int, int]]:
+    """[(context length, cache bytes of one sequence that long)]: per-token caches grow, states stay flat."""
+    per_token, per_seq = _meta_model(config).cache_bytes(dtype_bytes)
+    return [(n, per_token * n + per_seq) for n in lengths]
 
 
 def kv_cache_comparison(config: ModelConfig, dtype_bytes: int = 2) -> list[tuple[str, int]]:
@@ -78,8 +98,14 @@ def report_lines(config: ModelConfig, dtype_bytes: int = 2) -> list[str]:
     own = rows[0][1]
     out = [f"KV cache per token ({8 * dtype_bytes}-bit), vs caches of the same width:"]
     for label, b in rows:
-        ratio = "" if label == "this model" else f"  this model = {own / b:.3f}x (1/{b / own:.1f})"
+        ratio = "" if label == "this model" or not own else f"  this model = {own / b:.3f}x (1/{b / own:.1f})"
         out.append(f"  {label:<58} {human_bytes(b):>11}{ratio}")
+    per_seq = _meta_model(config).cache_bytes(dtype_bytes)[1]
+    if per_seq:
+        kinds = sorted({m for m in config.mixers() if MIXERS[m].cache_kind == "state"})
+        out.append(f"recurrent state ({', '.join(kinds)} layers): {human_bytes(per_seq)} per sequence, whatever its "
+                   f"length; one sequence's whole cache at " + ", ".join(
+                       f"{n // 1024}K: {human_bytes(b)}" for n, b in cache_bytes_at(config, dtype_bytes=dtype_bytes)))
     if config.mtp_depth:
         s = mtp_split(config)
         out.append(f"without MTP: {s['main_total']:,} ({human(s['main_total'])}); MTP modules: {s['mtp']:,} "

@@ -30,6 +30,8 @@ def count_params(config: ModelConfig) -> dict:
     parts["embedding"] = _n(model.embed_tokens)
     for block in model.layers:
         for name, part in ((block.mixer_name, block.mixer), (block.feed_forward_name, block.feed_forward)):
+            if part is None:  # a mixer-only layer (feed-forward "none")
+                continue
             parts[name] = parts.get(name, 0) + _n(part)
             active += _active(part)
     parts["norms"] = _n(model.norm) + sum(_n(b.mixer_norm) + _n(b.ff_norm) for b in model.layers)

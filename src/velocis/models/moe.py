@@ -12,7 +12,9 @@ Routing (all choices come from ModelConfig):
     groups are eligible for the top-k.
   * ``router_norm_topk``: renormalise the kept weights to sum to 1 (DeepSeek adds 1e-20).
   * ``routed_scaling_factor`` multiplies the kept weights.
-  * ``num_shared_experts``: one always-on SwiGLU of width ``moe_dim * num_shared_experts``.
+  * ``num_shared_experts``: one always-on SwiGLU of width ``moe_dim * num_shared_experts`` (or
+    ``shared_expert_dim``); with ``shared_expert_gate`` (Qwen3-Next) its output is scaled per token by
+    ``sigmoid(shared_expert_gate(x))``, a Linear(hidden, 1).
 
 Load balancing (``balance``):
   * "aux_loss": the Switch/Mixtral auxiliary loss ``E * sum_i f_i * P_i`` per MoE layer, where
@@ -50,6 +52,7 @@ MixtralSparseMoeBlock (transformers >= 5) module-for-module, so a state dict cop
   shared_experts.gate_proj.weight  [S*I, H]      (only with num_shared_experts = S > 0)
   shared_experts.up_proj.weight    [S*I, H]
   shared_experts.down_proj.weight  [H, S*I]
+  shared_expert_gate.weight        [1, H]        (only with shared_expert_gate; HF Qwen3-Next's name)
 (Mixtral/Qwen3 have no bias buffer; a loader can ignore ``gate.e_score_correction_bias``
 missing from their checkpoints, it is zeros.)
 
@@ -318,9 +321,10 @@ class MoE(nn.Module):
         self.impl = "auto"  # "auto" | "grouped" | "loop"
         self.gate = Router(self.hidden_dim, self.num_experts)
         self.experts = Experts(self.num_experts, self.hidden_dim, self.inner_dim)
-        self.shared_experts = (
-            SwiGLU(self.hidden_dim, self.inner_dim * config.num_shared_experts) if config.num_shared_experts > 0 else None
-        )
+        shared_dim = config.shared_expert_dim or self.inner_dim * config.num_shared_experts
+        self.shared_experts = SwiGLU(self.hidden_dim, shared_dim) if config.num_shared_experts > 0 else None
+        self.shared_expert_gate = (Linear(self.hidden_dim, 1, bias=False)
+                                   if config.shared_expert_gate and self.shared_experts is not None else None)
         # tokens per expert accumulated over training forwards since the last bias update
         self.register_buffer("load_accum", torch.zeros(self.num_experts), persistent=False)
         self.last_load: torch.Tensor | None = None
@@ -340,6 +344,8 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_experts.gate_proj.weight, std=std)
             nn.init.normal_(self.shared_experts.up_proj.weight, std=std)
             nn.init.normal_(self.shared_experts.down_proj.weight, std=out_std)
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=std)
 
     def active_params(self) -> int:
         """Parameters one token uses: everything but the experts it is not routed to."""
@@ -368,7 +374,10 @@ class MoE(nn.Module):
         )
         out, load = self.experts(h, weights, indices, capacity=self.capacity(h.shape[0]), impl=self.impl)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(h)
+            shared = self.shared_experts(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            out = out + shared
         self.last_load = load
         out = out.reshape(shape)
         if not self.training:

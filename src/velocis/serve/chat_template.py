@@ -14,20 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from velocis.errors import VelocisError
-from velocis.tokenizer import ASSISTANT, END, SYSTEM, USER
-
-# One expression per turn, so trim_blocks/lstrip_blocks cannot eat the newlines that belong to it.
-# "developer" is OpenAI's newer name for the system role.
-VELOCIS_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- set role = 'system' if message['role'] == 'developer' else message['role'] -%}"
-    "{%- if role not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('this model knows the roles system, user and assistant, not ' + role) -}}"
-    "{%- endif -%}"
-    "{{- '<|' + role + '|>\\n' + (message['content'] or '') + '<|end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
-)
+from velocis.tokenizer import ASSISTANT, END, SYSTEM, USER, VELOCIS_TEMPLATE  # noqa: F401 (re-exported)
 
 
 def _compile(source: str):
@@ -122,9 +109,11 @@ def find_chat_template(model_dir: str | Path, tokenizer) -> ChatTemplate | None:
         special["unk_token"] = _token_name(config.get("unk_token"))
     special = {k: v for k, v in special.items() if v is not None}
     source = _template_source(config, model_dir)
-    if source is not None:
-        return ChatTemplate(source, special)
     roles = [tokenizer.token_to_id(t) for t in (SYSTEM, USER, ASSISTANT, END)]
-    if all(r is not None for r in roles):
+    velocis_roles = all(r is not None for r in roles)
+    # a Velocis model dir saves its template in tokenizer_config.json (tokenizer.py): still Velocis' own
+    if source is not None and not (velocis_roles and source == VELOCIS_TEMPLATE):
+        return ChatTemplate(source, special)
+    if velocis_roles:
         return ChatTemplate(VELOCIS_TEMPLATE, special, [roles[-1]], builtin=True)
     return None

@@ -3,7 +3,9 @@
 val; no pickle: train/state_io.py).
 
 Every checkpoint directory is built aside and renamed into place (atomic_path), so a run
-killed mid-save leaves the previous checkpoints intact. We keep the last K, plus `RUN/best/`
+killed mid-save leaves the previous checkpoints intact. A run on several processes writes sharded
+checkpoints instead (train/sharded_checkpoint.py: torch.distributed.checkpoint shards + the same
+trainer state); both kinds resume at any world size. We keep the last K, plus `RUN/best/`
 (the lowest validation loss so far), plus the latest model at the run dir root so that
 `velocis generate --model RUN` works.
 """
@@ -135,10 +137,19 @@ def check_compatible(ckpt: Path, config: ModelConfig) -> None:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load model.safetensors into `model` in place (exactly; tied weights may be stored once)."""
+    """Load a checkpoint's weights into `model` in place (exactly; tied weights may be stored once):
+    model.safetensors, or a sharded checkpoint's shards; into a sharded model, each rank its pieces."""
     from velocis.model_io import read_safetensors
+    from velocis.train import sharded_checkpoint
+    from velocis.train.parallelize import has_sharded_params, load_full_state
 
+    if sharded_checkpoint.is_sharded(ckpt):
+        sharded_checkpoint.load_model(model, ckpt)
+        return
     sd = read_safetensors(ckpt / "model.safetensors")
+    if has_sharded_params(model):
+        load_full_state(model, sd, str(ckpt))
+        return
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded_ptrs = {params[k].data_ptr() for k in sd if k in params}
@@ -152,3 +163,39 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return state_io.load_state(ckpt)
+
+
+def check_global_batch(ckpt: Path, saved_config: dict[str, Any], saved_world: int, cfg, world: int) -> None:
+    """A resume continues the run exactly only with the same sequence length and, per optimizer step,
+    the same sequences: at the same world size the same batch flags, at another world size the same
+    global batch (batch_size x grad_accum x world_size)."""
+    same = ("batch_size", "seq_len", "grad_accum") if saved_world == world else ("seq_len",)
+    for key in same:
+        if key in saved_config and saved_config[key] != getattr(cfg, key):
+            raise VelocisError(
+                f"resume from {ckpt}: the run used {key} (--{key.replace('_', '-')}) {saved_config[key]}, now "
+                f"{getattr(cfg, key)}; resume with the same value to continue exactly"
+            )
+    if saved_world != world:
+        was = saved_config.get("batch_size", cfg.batch_size) * saved_config.get("grad_accum", cfg.grad_accum) * saved_world
+        now = cfg.batch_size * cfg.grad_accum * world
+        if was != now:
+            raise VelocisError(
+                f"resume from {ckpt}: the run's global batch was {was} sequences per step (batch_size x grad_accum "
+                f"x world_size {saved_world}), now {now} at world size {world}; set --batch-size / --grad-accum so "
+                f"that they match"
+            )
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, state: dict[str, Any],
+                   extras: dict[str, torch.nn.Module] | None = None) -> None:
+    """The optimizer state of a checkpoint of either kind, into an optimizer of any layout."""
+    from velocis.train import sharded_checkpoint
+    from velocis.train.parallelize import has_sharded_params
+
+    if state.get("sharded"):
+        sharded_checkpoint.load_optimizer(model, optimizer, ckpt, extras)
+    elif has_sharded_params(model):  # one process's state (by parameter index) -> this rank's shards
+        sharded_checkpoint.load_full_optimizer(model, optimizer, state["optimizer"], extras)
+    else:
+        optimizer.load_state_dict(state["optimizer"])

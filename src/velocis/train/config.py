@@ -53,6 +53,18 @@ class TrainConfig:
     seed: int = _f(1337, "random seed (weights, data order)")
     threads: int | None = _f(None, "torch CPU threads (default: torch's)")
 
+    # --- several processes (launched by torchrun; train/distributed.py, train/parallelize.py) ---
+    world_size: int | None = _f(None, "processes in the run, checked against the launcher's (torchrun --nnodes N "
+                                "--nproc-per-node M starts N*M)")
+    parallel: str = _f("ddp", "how the processes share the model: ddp (each holds all of it) or fsdp (parameters, "
+                       "gradients and optimizer state sharded across them)", choices=["ddp", "fsdp"])
+    expert_parallel: int = _f(1, "shard each MoE layer's experts over this many processes, tokens exchanged by "
+                              "all-to-all (needs --parallel fsdp)", metavar="N")
+    activation_checkpointing: bool = _f(False, "recompute each block's activations in the backward pass (less "
+                                        "memory, about a third more compute)")
+    dist_timeout: float = _f(300.0, "seconds a collective waits for the other processes before the run stops "
+                             "with an error (a dead or stuck rank)", metavar="SECONDS")
+
     # --- evaluation, checkpoints, logging ---
     eval_every: int = _f(100, "validate every N steps")
     eval_batches: int = _f(8, "validation batches per evaluation")
@@ -93,6 +105,17 @@ class TrainConfig:
             bad(f"{name('warmup_steps')}, {name('weight_decay')} and {name('grad_clip')} must be >= 0")
         if self.threads is not None and self.threads <= 0:
             bad(f"{name('threads')} must be positive, got {self.threads}")
+        if self.world_size is not None and self.world_size <= 0:
+            bad(f"{name('world_size')} must be positive, got {self.world_size}")
+        if self.parallel not in ("ddp", "fsdp"):
+            bad(f"{name('parallel')} {self.parallel!r} is unknown; choose ddp or fsdp")
+        if self.expert_parallel < 1:
+            bad(f"{name('expert_parallel')} must be at least 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1 and self.parallel != "fsdp":
+            bad(f"{name('expert_parallel')} {self.expert_parallel} needs --parallel fsdp: expert shards compose with "
+                f"FSDP's sharded parameters, not with DDP's replicas")
+        if not self.dist_timeout > 0:
+            bad(f"{name('dist_timeout')} must be positive seconds, got {self.dist_timeout}")
         if self.schedule not in SCHEDULES:
             bad(f"{name('schedule')} {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -27,8 +27,10 @@ class TrainData:
     where: str = ""  # names the data in errors
 
 
-def packed_data(data_dir: str | Path, seq_len: int, batch_size: int, seed: int) -> TrainData:
-    """A prepared data dir (velocis data prepare): next-token windows of seq_len tokens."""
+def packed_data(data_dir: str | Path, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                world_size: int = 1) -> TrainData:
+    """A prepared data dir (velocis data prepare): next-token windows of seq_len tokens; under several
+    processes each rank reads only its own slice of every split."""
     from velocis.data import PackedLoader
     from velocis.tokenizer import Tokenizer
 
@@ -36,8 +38,8 @@ def packed_data(data_dir: str | Path, seq_len: int, batch_size: int, seed: int) 
     if not (data_dir / "index.json").is_file():
         raise VelocisError(f"data directory {data_dir}: not prepared (no index.json); "
                            f"run `velocis data prepare` or pass --chinese-path/--english-path")
-    train = PackedLoader(data_dir, seq_len, batch_size, split="train", seed=seed)
-    val = PackedLoader(data_dir, seq_len, batch_size, split="val", seed=seed)
+    train = PackedLoader(data_dir, seq_len, batch_size, split="train", rank=rank, world_size=world_size, seed=seed)
+    val = PackedLoader(data_dir, seq_len, batch_size, split="val", rank=rank, world_size=world_size, seed=seed)
     return TrainData(Tokenizer.load(data_dir), train, val, val.bytes_per_token, str(data_dir))
 
 

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,9 +40,10 @@ from velocis.train.data_source import TrainData, packed_data, to_device
 from velocis.train.monitor import MetricsLog, make_monitor, memory_usage
 from velocis.train.objectives import NextTokenObjective, Objective
 from velocis.train.optim import build_optimizer, register_step_hooks
-from velocis.train.parallelize import parallelize
+from velocis.train import distributed, sharded_checkpoint
+from velocis.train.parallelize import materialize, parallelize
 from velocis.train.schedule import lr_multiplier
-from velocis.utils.device import autocast_for, hardware_bf16, resolve_device, resolve_precision
+from velocis.utils.device import autocast_for, hardware_bf16, resolve_precision
 
 
 class TrainingDiverged(VelocisError):
@@ -130,24 +131,31 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, device: torch.devic
     with torch.device("meta"):
         model = VelocisModel(model_config)
     model = parallelize(model, cfg)
-    model.to_empty(device=device)
-    model.init_weights()
+    materialize(model, device)
     return model
 
 
 # --- the trainer ---------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_config: ModelConfig, *, objective: Objective | None = None,
-                 data: TrainData | None = None, resume: str | None = None, overwrite: bool = False):
+                 data: TrainData | None = None, resume: str | None = None, overwrite: bool = False,
+                 prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 export_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+        """prepare_model: changes the model once its starting weights are in, before the objective and
+        the optimizer see it (LoRA adapters: align/lora.py); export_model: the model written as the run's
+        model dir (the root and best/; LoRA: the adapters merged), checkpoints keep the trained model."""
         self.cfg = cfg
         self.objective = objective or NextTokenObjective()
         self.run_dir = cfg.run_dir
+        # several processes (torchrun): join them; rank 0 writes the run's files, see distributed.py
+        self.dist = distributed.setup(cfg.world_size, cfg.device, cfg.dist_timeout)
         if cfg.seq_len > model_config.max_seq_len:
             raise VelocisError(
                 f"seq_len (--seq-len) {cfg.seq_len} is longer than the model's context ({model_config.max_seq_len} "
                 f"tokens); use {model_config.max_seq_len} or less"
             )
-        self.data = data or packed_data(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.data = data or packed_data(cfg.data_dir, cfg.seq_len, cfg.batch_size, cfg.seed,
+                                        rank=self.dist.rank, world_size=self.dist.world_size)
         self.tokenizer = self.data.tokenizer
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise VelocisError(
@@ -156,7 +164,7 @@ class Trainer:
             )
         self.model_config = model_config = fill_special_ids(model_config, self.tokenizer)
 
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.device_for(cfg.device, self.dist)
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cpu":
             cpu_ops.available()  # build the C++ CPU kernels now (once per machine), not under the monitor's clock
@@ -172,10 +180,11 @@ class Trainer:
                 self.resume_from = ckpt_io.find_checkpoint(self.run_dir if resume == "auto" else resume)
                 ckpt_io.check_compatible(self.resume_from, model_config)
             else:
-                run_dir.start_fresh(self.run_dir, overwrite)
+                distributed.run_on_main(lambda: run_dir.start_fresh(self.run_dir, overwrite))
         except BaseException:
             self.close()
             raise
+        distributed.log_to_file(self.run_dir)
 
         seed_everything(cfg.seed)
         self.model = build_model(model_config, cfg, self.device)
@@ -193,11 +202,15 @@ class Trainer:
         self.val_history: list[tuple[int, float, float]] = []
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after the current step
         self._last_save = self._last_eval = -1  # the steps last checkpointed / evaluated
+        if cfg.init_from:  # fine-tuning: start from a trained model's weights (a resume then loads its own)
+            ckpt_io.load_weights(self.model, Path(cfg.init_from))
+        if prepare_model is not None:
+            self.model = prepare_model(self.model)
+        self.export_model = export_model or (lambda model: model)
+        # the objective sees the starting weights even on a resume (a frozen reference copies them)
+        self.objective.setup(self.model, self.device)
         if self.resume_from is not None:
             ckpt_io.load_weights(self.model, self.resume_from)
-        elif cfg.init_from:  # fine-tuning: start from a trained model's weights
-            ckpt_io.load_weights(self.model, Path(cfg.init_from))
-        self.objective.setup(self.model, self.device)
         extra = self.objective.modules()
         self.optimizer = build_optimizer([p for m in (self.model, *extra.values()) for p in m.parameters()],
                                          cfg, self.device)
@@ -209,7 +222,7 @@ class Trainer:
         self.loss_fn = self._loss
         if cfg.compile:
             self.loss_fn = torch.compile(self._loss)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.is_main else distributed.NoMetrics()
         if self.resume_from is not None:
             self.metrics.truncate_after(self.step)
 
@@ -231,7 +244,9 @@ class Trainer:
             "elapsed": self.elapsed,
             "best_val": self.best_val,
             "val_history": self.val_history,
-            "optimizer": self.optimizer.state_dict(),
+            # several processes: the optimizer goes into the checkpoint's shards
+            **({} if self.dist.active else {"optimizer": self.optimizer.state_dict()}),
+            "world_size": self.dist.world_size,
             **self._boundary,
             "train_config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(),
@@ -240,14 +255,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = ckpt_io.load_trainer_state(path)
-        old = state.get("train_config", {})
-        for key in ("batch_size", "seq_len", "grad_accum"):
-            if key in old and old[key] != getattr(self.cfg, key):
-                raise VelocisError(
-                    f"resume from {path}: the run used {key} (--{key.replace('_', '-')}) {old[key]}, now "
-                    f"{getattr(self.cfg, key)}; resume with the same value to continue exactly"
-                )
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.check_global_batch(path, state.get("train_config", {}), state.get("world_size", 1), self.cfg,
+                                   self.dist.world_size)
+        ckpt_io.load_optimizer(self.model, self.optimizer, path, state, self.objective.modules())
         self.train_loader.load_state_dict(state["train_loader"])
         self._train_iter = iter(self.train_loader)
         ckpt_io.set_rng_state(state["rng"])
@@ -297,19 +307,21 @@ class Trainer:
     def accumulate(self, batches: list) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward + backward over a step's micro-batches, each normalised by the valid target tokens
         of all of them. Returns (the step's loss, detached; stats averaged over the micro-batches)."""
-        num_tokens = sum(self.objective.num_tokens(b) for b in batches)
+        # several processes: every rank divides by the whole step's count (the gradients are summed)
+        num_tokens = distributed.sum_over_ranks(sum(self.objective.num_tokens(b) for b in batches))
         if num_tokens == 0:
             raise VelocisError(f"step {self.step + 1}: no target token in the batch is scored (all are masked)")
         n = torch.tensor(float(num_tokens), device=self.device)
         total = torch.zeros((), device=self.device)
         stats = []
-        for batch in batches:
-            with autocast_for(self.device, self.precision):
-                loss, s = self.loss_fn(batch, n)
-            loss.backward()
+        for i, batch in enumerate(batches):
+            with distributed.gradient_sync(self.model, enabled=i == len(batches) - 1):  # DDP: the last syncs
+                with autocast_for(self.device, self.precision):
+                    loss, s = self.loss_fn(batch, n)
+                loss.backward()
             total += loss.detach()
             stats.append(s)
-        return total, average_stats(stats)
+        return distributed.sum_over_ranks(total), distributed.mean_stats(average_stats(stats))
 
     def train_step(self) -> tuple[float, float, dict[str, Any], float]:
         """One optimizer step; returns (loss, grad norm, stats, lr)."""
@@ -321,7 +333,7 @@ class Trainer:
         loss_value = total.item()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        grad_norm = distributed.clip_grad_norm(params, clip)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
@@ -334,7 +346,7 @@ class Trainer:
         self.optimizer.step()  # runs the parts' after_optimizer_step hooks (e.g. MoE bias updates)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum
+        self.tokens += self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.dist.world_size
         self._mark_boundary()
         return loss_value, grad_norm, stats, lr
 
@@ -345,13 +357,18 @@ class Trainer:
         self.model.eval()
         self.val_loader.load_state_dict(self._val_start)  # the same batches every time
         total, count = 0.0, 0
+        # several processes: each rank its own slice, the same number of batches on every rank
+        batches = self.cfg.eval_batches
+        if self.dist.active and hasattr(self.val_loader, "__len__"):
+            batches = distributed.min_over_ranks(min(batches, len(self.val_loader)))
         for i, batch in enumerate(self.val_loader):
-            if i >= self.cfg.eval_batches:
+            if i >= batches:
                 break
             with autocast_for(self.device, self.precision):
                 loss_sum, n = self.objective.evaluate(self.model, to_device(batch, self.device))
             total += float(loss_sum)
             count += int(n)
+        total, count = distributed.sum_over_ranks(total), distributed.sum_over_ranks(count)
         if not count:
             raise VelocisError(f"{self.data.where}: the validation split is empty or shorter than seq_len (--seq-len)")
         val_loss = total / count
@@ -374,13 +391,33 @@ class Trainer:
         # the checkpoint's clock includes this save, estimated by the last one's duration, so a run
         # resumed from it stands where the uninterrupted run does after the save
         state["elapsed"] = self.elapsed + self._save_seconds
-        path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state)
-        ckpt_io.prune_checkpoints(self.run_dir, self.cfg.keep_last)
-        ckpt_io.write_root_model(self.run_dir, self.model, self.tokenizer)
+        if self.dist.active:  # every rank writes its shards
+            path = sharded_checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self.tokenizer,
+                                           state, self.objective.modules())
+        else:
+            path = ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, state)
+        model = self._model_to_write()
+        if model is not None:
+            ckpt_io.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+            ckpt_io.write_root_model(self.run_dir, model, self.tokenizer)
         self._save_seconds = time.perf_counter() - t0
         self._last_save = self.step
         self._tick()
         return path
+
+    def _model_to_write(self):
+        """The model a model dir (the root, best/) holds: this one, or under several processes the whole
+        model gathered on rank 0 (every rank must call this; None on the others)."""
+        model = self.export_model(self.model)
+        return sharded_checkpoint.gather_full_model(model) if self.dist.active else model
+
+    def _agree(self) -> None:
+        """Several processes decide alike whether to stop and where the schedule stands: the slowest
+        rank's clock, and a stop signal any rank got."""
+        if self.dist.active:
+            self.elapsed, self._step_seconds, stop = distributed.max_over_ranks(
+                self.elapsed, self._step_seconds, float(self.stop_signal or 0))
+            self.stop_signal = int(stop) or None
 
     def done(self) -> bool:
         return self.progress() >= 1.0
@@ -394,8 +431,11 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         title = (f"velocis train · {self.run_dir} · {n_params / 1e6:.1f}M params · {self.device.type} {self.precision}"
                  f" · batch {cfg.batch_size}x{cfg.seq_len}x{cfg.grad_accum}")
-        monitor = make_monitor(cfg.monitor, title, cfg.max_steps, cfg.log_every)
-        (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if self.dist.active:
+            title += f"x{self.dist.world_size} ranks ({distributed.layout(cfg)})"
+        monitor = make_monitor(cfg.monitor if self.dist.is_main else "none", title, cfg.max_steps, cfg.log_every)
+        if self.dist.is_main:
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         # a resumed run starts from a saved step: nothing to save or evaluate again there
         self._last_save = self._last_eval = self.step if self.resume_from is not None else -1
         monitor.start()
@@ -410,8 +450,14 @@ class Trainer:
         try:
             with stop_at_step_boundary(self):
                 first_loss, last_loss = self._loop(monitor)
+        except RuntimeError as e:
+            if self.dist.active and distributed.is_collective_failure(e):
+                raise distributed.rank_lost(e, f"step {self.step + 1}", cfg.dist_timeout,
+                                            self._resume_hint()) from None
+            raise
         except KeyboardInterrupt:  # a second signal, or an interrupt raised inside a step
-            if self.step > 0 and self._last_save != self.step:
+            # (several processes save only at a step boundary they all agreed on)
+            if self.step > 0 and self._last_save != self.step and not self.dist.active:
                 monitor.note("interrupted: saving a checkpoint of the last finished step…")
                 self.save()
             raise
@@ -419,7 +465,7 @@ class Trainer:
             monitor.stop()
             self.metrics.close()
             self.close()
-        if cfg.plot and self.step > 0:
+        if cfg.plot and self.step > 0 and self.dist.is_main:
             from velocis.train.plot import plot_run
 
             with contextlib.suppress(Exception):  # a plot must never fail a finished run
@@ -432,7 +478,7 @@ class Trainer:
         cfg = self.cfg
         first_loss = last_loss = None
         window: deque[float] = deque(maxlen=20)  # recent step times, for tokens/s and the ETA
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
         if self.step == 0:
             self._eval_and_record(monitor)  # the starting point of the validation curve
         self._clock = time.perf_counter()  # the time budget counts from here (and spans resumes)
@@ -446,6 +492,7 @@ class Trainer:
                 window.append(now - t0)
             self._tick()
             step_time = self._step_seconds = sum(window) / len(window) if window else now - t0
+            self._agree()
             first_loss = loss if first_loss is None else first_loss
             last_loss = loss
             rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -461,6 +508,7 @@ class Trainer:
             if self.step % cfg.save_every == 0:
                 monitor.note(f"saved {self.save()}")
             self._tick()
+            self._agree()
         if self.stop_signal is not None:
             if self.step > 0 and self._last_save != self.step:
                 monitor.note(f"{signal.Signals(self.stop_signal).name}: saved {self.save()}; "
@@ -485,8 +533,16 @@ class Trainer:
         monitor.eval(rec)
         if val_loss < self.best_val and self.step > 0:
             self.best_val = val_loss
-            ckpt_io.save_best(self.run_dir, self.model, self.tokenizer,
-                              {"step": self.step, "val_loss": val_loss, "val_bpb": bpb})
+            model = self._model_to_write()
+            if model is not None:
+                ckpt_io.save_best(self.run_dir, model, self.tokenizer,
+                                  {"step": self.step, "val_loss": val_loss, "val_bpb": bpb})
+
+    def _resume_hint(self) -> str:
+        last = ckpt_io.list_checkpoints(self.run_dir)
+        if last:
+            return f"the last complete checkpoint is {last[-1][1]}: launch again with --resume"
+        return "no checkpoint was complete yet: launch the run again"
 
     def _eta(self, step_time: float) -> float | None:
         etas = []
@@ -498,6 +554,7 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, model_config: ModelConfig, *, objective=None, data: TrainData | None = None,
-          resume: str | None = None, overwrite: bool = False) -> TrainResult:
+          resume: str | None = None, overwrite: bool = False, prepare_model=None, export_model=None) -> TrainResult:
     """Build a Trainer and run it to the end of its step or time budget."""
-    return Trainer(cfg, model_config, objective=objective, data=data, resume=resume, overwrite=overwrite).run()
+    return Trainer(cfg, model_config, objective=objective, data=data, resume=resume, overwrite=overwrite,
+                   prepare_model=prepare_model, export_model=export_model).run()

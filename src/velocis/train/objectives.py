@@ -23,7 +23,9 @@ class Objective:
     name = "objective"
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
-        """Build what the objective holds beside the trained model (after init or resume)."""
+        """Build what the objective holds beside the trained model: called once the starting weights
+        (init_from) are in and before a resume loads the trained ones, so a frozen reference copied here
+        is the starting model on a resume too."""
 
     def modules(self) -> dict[str, nn.Module]:
         """Trainable modules the objective owns besides the model (optimised and checkpointed)."""

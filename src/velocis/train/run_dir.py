@@ -8,6 +8,8 @@ holding a run unless resume or overwrite. `locked_run_dir` takes the directory's
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -19,9 +21,11 @@ from velocis.utils.output_dir import check_output_dir
 # config, and what `train-*` / the demo prepare from raw text in the run dir
 RUN_NAMES = {"checkpoints", "best", "metrics.jsonl", "curves.png", "model.safetensors", "config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "train_config.json",
-             "data", "tokenizer", "data_source.json", "corpus"}
+             "data", "tokenizer", "data_source.json", "corpus", "logs",
+             "adapter_model.safetensors", "adapter_config.json"}  # a LoRA run's adapters (align/lora.py)
 # what a fresh start (overwrite) removes: the previous run's outputs, not its prepared data
-_PREVIOUS_RUN = ("checkpoints", "best", "metrics.jsonl", "curves.png", "model.safetensors", "config.json")
+_PREVIOUS_RUN = ("checkpoints", "best", "metrics.jsonl", "curves.png", "model.safetensors", "config.json", "logs",
+                 "adapter_model.safetensors", "adapter_config.json")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -30,6 +34,10 @@ def is_run_dir(path: Path) -> bool:
 
 
 def locked_run_dir(path: str | Path):
+    """The run dir's lock. Under a launcher only rank 0 takes it: the other ranks of the same run write
+    only their checkpoint shards and logs, under rank 0's lock."""
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        return contextlib.nullcontext(Path(path))
     return dir_lock(path, what="a training run")
 
 

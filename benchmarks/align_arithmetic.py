@@ -1,0 +1,143 @@
+"""Alignment on one CPU: pretraining + SFT, then GRPO, on the built-in arithmetic task.
+
+Every stage is a `velocis` command (printed as it runs, so the README can show them):
+  1. velocis task write      train/held-out splits of 1-2 digit addition (English + Chinese prompts),
+                             SFT conversations and plain-text worked examples of the training split
+  2. tokenizer               a small byte-level BPE trained on the task's text (Python API: one call)
+  3. velocis train-custom    pretrain a tiny model on the worked examples (plain text)
+  4. velocis sft             brief SFT on the chat conversations (loss on the answers only)
+  5. velocis eval-task       held-out accuracy after SFT (greedy, exact_numeric)
+  6. velocis train-grpo      GRPO from the SFT model, rewarded by exact_numeric + format
+  7. velocis eval-task       held-out accuracy after GRPO
+
+    python benchmarks/align_arithmetic.py [--work-dir /tmp/velocis-align] [--threads 1] [--reuse]
+
+--reuse keeps the stages whose output is already in --work-dir (to iterate on a later stage).
+The held-out problems never appear in any training text. Prints the accuracies, seeds and time
+per stage, and writes them to WORK/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def velocis(*args: str, threads: int) -> str:
+    cmd = [sys.executable, "-m", "velocis", *args]
+    print("$ velocis " + " ".join(args), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:  # the stage's own log, as it comes
+        lines.append(line)
+        if line.strip():
+            print("    " + line.rstrip(), flush=True)
+    if proc.wait() != 0:
+        raise SystemExit(f"stage failed: velocis {args[0]}")
+    return "".join(lines)
+
+
+def accuracy(model: Path, args, threads: int) -> dict:
+    out = velocis("eval-task", "--model", str(model), "--task", "arithmetic", "--difficulty", str(args.difficulty),
+                  "--seed", str(args.task_seed), "--n", str(args.n_eval), "--max-completion-length", "24",
+                  "--device", "cpu", "--json", threads=threads)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default="/tmp/velocis-align")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per stage (1 is fastest on a busy 2-core VM)")
+    p.add_argument("--reuse", action="store_true", help="keep stages already done in --work-dir")
+    p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1337, help="training seed of every stage")
+    p.add_argument("--difficulty", type=int, default=1)
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--vocab-size", type=int, default=320)
+    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--grpo-steps", type=int, default=120)
+    p.add_argument("--grpo-lr", type=float, default=3e-4)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--grpo-batch", type=int, default=128, help="completions per GRPO step")
+    args = p.parse_args()
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    t = args.threads
+    common = ["--seed", str(args.seed), "--threads", str(t), "--monitor", "plain", "--no-plot", "--device", "cpu"]
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def stage(name: str, done: Path, fn) -> None:
+        if args.reuse and done.exists():
+            print(f"[{name}] reused {done}")
+            return
+        t0 = time.perf_counter()
+        print(f"[{name}]", flush=True)
+        fn()
+        times[name] = round(time.perf_counter() - t0, 1)
+
+    task, tok, pre, sft, grpo = (work / n for n in ("task", "tok", "pretrain", "sft", "grpo"))
+    stage("task", task / "task.json", lambda: velocis(
+        "task", "write", "--task", "arithmetic", "--difficulty", str(args.difficulty), "--lang", "mix",
+        "--seed", str(args.task_seed), "--n-train", str(args.n_train), "--n-eval", str(args.n_eval),
+        "--output-dir", str(task), "--overwrite", threads=t))
+
+    def tokenizer():
+        from velocis.tokenizer import Tokenizer
+
+        print(f"$ python -c 'Tokenizer.train([pretrain_en.txt, pretrain_zh.txt], vocab_size={args.vocab_size})'")
+        Tokenizer.train([str(task / "pretrain_en.txt"), str(task / "pretrain_zh.txt")], vocab_size=args.vocab_size,
+                        progress=False).save(tok)
+
+    stage("tokenizer", tok / "tokenizer.json", tokenizer)
+    heads = max(2, args.hidden_dim // 32)
+    stage("pretrain", pre / "model.safetensors", lambda: velocis(
+        "train-custom", "--english-path", str(task / "pretrain_en.txt"), "--chinese-path", str(task / "pretrain_zh.txt"),
+        "--tokenizer", str(tok), "--hidden-dim", str(args.hidden_dim), "--num-layers", str(args.num_layers),
+        "--num-heads", str(heads), "--mlp-dim", str(args.hidden_dim * 3), "--max-seq-len", "128", "--seq-len", "128",
+        "--batch-size", "32", "--max-steps", str(args.pretrain_steps), "--lr", "3e-3", "--warmup", "30",
+        "--eval-every", str(args.pretrain_steps), "--log-every", "50", "--output-dir", str(pre), "--overwrite",
+        *common, threads=t))
+    stage("sft", sft / "model.safetensors", lambda: velocis(
+        "sft", "--data", str(task / "sft.jsonl"), "--model-dir", str(pre), "--output-dir", str(sft), "--overwrite",
+        "--max-steps", str(args.sft_steps), "--batch-size", "16", "--seq-len", "128", "--lr", "1e-3",
+        "--val-fraction", "0.01", "--eval-every", str(args.sft_steps), "--log-every", "20", *common, threads=t))
+    t0 = time.perf_counter()
+    acc_sft = accuracy(sft, args, t)
+    times["eval_sft"] = round(time.perf_counter() - t0, 1)
+    stage("grpo", grpo / "model.safetensors", lambda: velocis(
+        "train-grpo", "--data", str(task / "train.jsonl"), "--model-dir", str(sft), "--output-dir", str(grpo),
+        "--overwrite", "--verifier", "exact_numeric,format", "--reward-weights", "1,0.1",
+        "--num-generations", str(args.num_generations), "--batch-size", str(args.grpo_batch),
+        "--max-completion-length", "24", "--beta", "0.0", "--loss-type", "dapo", "--epsilon-high", "0.28",
+        "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr), "--eval-every", str(args.grpo_steps),
+        "--eval-n", "0", "--save-every", str(args.grpo_steps), "--log-every", "10", *common, threads=t))
+    t0 = time.perf_counter()
+    acc_grpo = accuracy(grpo, args, t)
+    times["eval_grpo"] = round(time.perf_counter() - t0, 1)
+    total = round(time.perf_counter() - start, 1)
+    result = {"accuracy_after_sft": acc_sft["accuracy"], "accuracy_after_grpo": acc_grpo["accuracy"],
+              "gain_points": round(100 * (acc_grpo["accuracy"] - acc_sft["accuracy"]), 1),
+              "n_eval": args.n_eval, "task_seed": args.task_seed, "train_seed": args.seed, "threads": t,
+              "seconds": times, "total_seconds": total, "settings": vars(args)}
+    (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nheld-out accuracy (greedy, {args.n_eval} problems): after pretraining + SFT "
+          f"{acc_sft['accuracy']:.3f}, after GRPO {acc_grpo['accuracy']:.3f} "
+          f"({result['gain_points']:+.1f} points)")
+    print(f"seeds: task {args.task_seed}, training {args.seed}; time: " +
+          ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
