@@ -39,6 +39,9 @@ class TrainConfig:
     warmup_steps: int = _f(50, "warmup steps", flag="--warmup")
     schedule: str = _f("cosine", "cosine decay, or warmup-stable-decay (wsd)", choices=list(SCHEDULES))
     decay_fraction: float = _f(0.2, "wsd: the share of the run spent decaying")
+    optimizer: str = _f("adamw", "adamw, or muon (Muon's orthogonalised update for the blocks' matrices, AdamW for "
+                        "embeddings, head, norms and biases; one --lr serves both)", choices=["adamw", "muon"])
+    muon_momentum: float = _f(0.95, "Muon's Nesterov momentum")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
@@ -114,6 +117,13 @@ class TrainConfig:
         if self.expert_parallel > 1 and self.parallel != "fsdp":
             bad(f"{name('expert_parallel')} {self.expert_parallel} needs --parallel fsdp: expert shards compose with "
                 f"FSDP's sharded parameters, not with DDP's replicas")
+        if self.optimizer not in ("adamw", "muon"):
+            bad(f"{name('optimizer')} {self.optimizer!r} is unknown; choose adamw or muon")
+        if not 0 <= self.muon_momentum < 1:
+            bad(f"{name('muon_momentum')} must be in [0, 1), got {self.muon_momentum}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            bad(f"{name('optimizer')} muon needs each matrix whole to orthogonalise its update, and FSDP shards them "
+                f"by rows; use --parallel ddp (or --optimizer adamw with fsdp)")
         if not self.dist_timeout > 0:
             bad(f"{name('dist_timeout')} must be positive seconds, got {self.dist_timeout}")
         if self.schedule not in SCHEDULES:

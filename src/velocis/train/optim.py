@@ -1,20 +1,51 @@
 """The optimizer and the per-step work parts register for themselves.
 
 `build_optimizer` decays matrices only (norm gains and biases stay undecayed, as in nanoGPT /
-Llama). `register_step_hooks` runs every module's `after_optimizer_step()` after each
+Llama). With `optimizer="muon"` the blocks' hidden matrices (and experts) take Muon's
+orthogonalised update (train/muon.py) while embeddings, the head, norms, biases, routers,
+convolutions and adapters keep AdamW; which is which is decided by parameter name. `register_step_hooks` runs every module's `after_optimizer_step()` after each
 optimizer step (e.g. the MoE router bias of auxiliary-loss-free balancing), so the trainer needs
 to know no architecture.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from velocis.train.muon import MuonAdamW
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
+# 2-D weights that are not hidden matrices: token tables and heads (their rows are looked up or
+# scored one by one), routers (a few rows whose scale is their meaning), low-rank adapters.
+NOT_MUON = re.compile(r"embed|(^|[._])head|lora_|(^|\.)gate\.weight$|router")
+
+
+def takes_muon(name: str, p: nn.Parameter) -> bool:
+    if NOT_MUON.search(name):
+        return False
+    return p.dim() == 2 or (p.dim() == 3 and "experts" in name)  # a stack of expert matrices; not a conv
+
+
+def build_optimizer(params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]], cfg,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """`params`: parameters, or (name, parameter) pairs (Muon needs the names)."""
+    named = [item if isinstance(item, tuple) else ("", item) for item in params]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        muon = [p for n, p in named if takes_muon(n, p)]
+        chosen = {id(p) for p in muon}
+        rest = [p for _, p in named if id(p) not in chosen]
+        groups = [
+            {"params": muon, "weight_decay": cfg.weight_decay, "muon": True},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # Newton–Schulz in bf16 where matmuls are fast in bf16 (GPUs); fp32 on CPUs
+        return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum,
+                         ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    params = [p for _, p in named]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
