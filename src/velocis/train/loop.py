@@ -212,7 +212,7 @@ class Trainer:
         if self.resume_from is not None:
             ckpt_io.load_weights(self.model, self.resume_from)
         extra = self.objective.modules()
-        self.optimizer = build_optimizer([p for m in (self.model, *extra.values()) for p in m.parameters()],
+        self.optimizer = build_optimizer([np for m in (self.model, *extra.values()) for np in m.named_parameters()],
                                          cfg, self.device)
         register_step_hooks(self.optimizer, self.model, *extra.values())
         if self.resume_from is not None:
