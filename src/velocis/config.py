@@ -37,6 +37,9 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2-style bias on q/k/v projections
     qk_norm: bool = False  # Qwen3-style RMSNorm on each head's q and k (before RoPE)
     init_std: float = 0.02
+    # the residual branches' output projections (o_proj / out_proj / down_proj) start at zero, so every
+    # block starts as the identity (modded-nanogpt); a training-recipe choice, not part of the weights' shape
+    zero_init_residual: bool = False
 
     # --- rotary position embedding ---
     rope_theta: float = 10000.0

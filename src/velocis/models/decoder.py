@@ -48,6 +48,7 @@ class VelocisModel(nn.Module):
         self.mtp = MTP(config) if config.mtp_depth > 0 else None
         self.tie_weights()
         self._init_embedding()
+        self._zero_residual_outputs()
 
     def tie_weights(self) -> None:
         """Share the head with the embedding when the config ties them (again after `to_empty`)."""
@@ -72,6 +73,15 @@ class VelocisModel(nn.Module):
             if hasattr(m, "init_buffers"):
                 m.init_buffers()
         self._init_embedding()
+        self._zero_residual_outputs()
+
+    @torch.no_grad()
+    def _zero_residual_outputs(self) -> None:
+        if not self.config.zero_init_residual:
+            return
+        for name, p in self.named_parameters():
+            if set(name.split(".")[-2:]) & {"o_proj", "out_proj", "down_proj"}:
+                p.zero_()
 
     # ------------------------------------------------------------------ forward
     def _positions(self, input_ids: torch.Tensor, cache: Cache | None, positions: torch.Tensor | None) -> Positions:

@@ -1,0 +1,26 @@
+"""Training-recipe knobs of the model config (issue 19's ablations)."""
+from __future__ import annotations
+
+import torch
+
+from velocis.config import get_preset
+from velocis.models import VelocisModel
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    torch.manual_seed(0)
+    cfg = get_preset("micro", num_layers=2, zero_init_residual=True)
+    for model in (VelocisModel(cfg), None):
+        if model is None:  # the trainer's path: built on meta, materialised, initialised
+            with torch.device("meta"):
+                model = VelocisModel(cfg)
+            model.to_empty(device="cpu")
+            model.init_weights()
+        zeroed = [n for n, p in model.named_parameters() if not p.any()]
+        assert sorted(zeroed) == sorted(f"layers.{i}.{part}.weight" for i in range(2)
+                                        for part in ("mixer.o_proj", "feed_forward.down_proj"))
+        x = torch.randint(0, cfg.vocab_size, (1, 8))
+        h = model(x, return_hidden=True).hidden
+        assert torch.equal(h, model.embed_tokens(x))  # blocks add nothing yet
+    plain = VelocisModel(get_preset("micro", num_layers=2))
+    assert all(p.any() for p in plain.parameters())
