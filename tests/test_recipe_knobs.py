@@ -1,6 +1,7 @@
 """Training-recipe knobs of the model config (issue 19's ablations)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from velocis.config import get_preset
@@ -24,3 +25,20 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
         assert torch.equal(h, model.embed_tokens(x))  # blocks add nothing yet
     plain = VelocisModel(get_preset("micro", num_layers=2))
     assert all(p.any() for p in plain.parameters())
+
+
+def test_relu2_feed_forward_is_down_of_squared_relu_and_refused_by_hf_export(tmp_path):
+    from velocis.errors import VelocisError
+    from velocis.interop.hf import export_hf
+    from velocis.models.count import count_params
+
+    cfg = get_preset("micro", num_layers=2, dense_feed_forward="relu2", mlp_dim=384)
+    model = VelocisModel(cfg)
+    ff = model.layers[0].feed_forward
+    x = torch.randn(2, 5, cfg.hidden_dim)
+    want = torch.relu(x @ ff.up_proj.weight.T).square() @ ff.down_proj.weight.T
+    assert torch.allclose(ff(x), want, atol=1e-5)
+    swiglu = count_params(get_preset("micro", num_layers=2, mlp_dim=256))["total"]
+    assert count_params(cfg)["total"] == swiglu  # 1.5x the width, the same parameters
+    with pytest.raises(VelocisError):
+        export_hf(model, None, tmp_path / "hf")

@@ -55,6 +55,7 @@ class ModelConfig:
     # mixer_pattern[i % len]; layer_mixers, when given, wins
     mixer_pattern: list[str] | None = None
     layer_feed_forwards: list[str] | None = None
+    dense_feed_forward: str = "mlp"  # what a dense layer uses when layer_feed_forwards is None: "mlp" | "relu2"
 
     # --- sparse mixture of experts (feed_forward == "moe") ---
     num_experts: int = 0  # routed experts; 0 = dense model
@@ -253,8 +254,8 @@ class ModelConfig:
                 )
             return list(self.layer_feed_forwards)
         if self.num_experts > 0:
-            return ["mlp" if i < self.first_dense_layers else "moe" for i in range(self.num_layers)]
-        return ["mlp"] * self.num_layers
+            return [self.dense_feed_forward if i < self.first_dense_layers else "moe" for i in range(self.num_layers)]
+        return [self.dense_feed_forward] * self.num_layers
 
     # serialisation --------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Small shared layers: RMSNorm and the SwiGLU MLP (FEED_FORWARDS["mlp"])."""
+"""Small shared layers: RMSNorm, the SwiGLU MLP (FEED_FORWARDS["mlp"]) and the ReLU² MLP ("relu2")."""
 from __future__ import annotations
 
 import math
@@ -61,3 +61,25 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@register_feed_forward("relu2")
+class ReLU2MLP(nn.Module):
+    """down(relu(up(x))^2): two matrices instead of SwiGLU's three (Primer, So et al. 2021; the
+    modded-nanogpt speedruns), so mlp_dim 1.5x SwiGLU's holds the same parameters."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        h, i = config.hidden_dim, config.mlp_dim
+        self.up_proj = Linear(h, i, bias=False)
+        self.down_proj = Linear(i, h, bias=False)
+        self.init_std, self.num_layers = config.init_std, config.num_layers
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.up_proj.weight, std=self.init_std)
+        nn.init.normal_(self.down_proj.weight, std=self.init_std / math.sqrt(2 * self.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.relu(self.up_proj(x)).square())
