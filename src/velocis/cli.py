@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "chat",
     "batch",
     "params",
+    "plan",
+    "checkpoint",
     "convert",
     "export",
     "quantize",

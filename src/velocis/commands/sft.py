@@ -72,7 +72,7 @@ def _run(args, model_dir: Path, output_dir: Path) -> int:
     from velocis.align.sft import SFTObjective
     from velocis.config import ModelConfig
     from velocis.errors import VelocisError
-    from velocis.train import Trainer
+    from velocis.train import Trainer, distributed
     from velocis.utils.cli_fields import dataclass_args
 
     model_config = ModelConfig.load(model_dir / "config.json")
@@ -84,8 +84,11 @@ def _run(args, model_dir: Path, output_dir: Path) -> int:
     batch_size = given.get("batch_size") or 8
     seed = given.get("seed", TrainConfig.seed)
     fmt = ChatFormat.from_model_dir(model_dir)
-    data, report = chat_train_data(args.data, fmt, seq_len, batch_size, seed=seed, val_fraction=args.val_fraction)
-    print(report.summary())
+    ranks = distributed.launcher_env()  # under torchrun: each rank reads its own share of the conversations
+    data, report = chat_train_data(args.data, fmt, seq_len, batch_size, seed=seed, val_fraction=args.val_fraction,
+                                   rank=ranks.rank, world_size=ranks.world_size)
+    if ranks.is_main:
+        print(report.summary())
 
     defaults = {"seq_len": seq_len, "batch_size": batch_size, "lr": LORA_LR if lora else FULL_LR,
                 "weight_decay": 0.0}

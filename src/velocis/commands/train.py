@@ -1,9 +1,14 @@
-"""`velocis train-micro | train-small | train-custom | train`: pretrain a model.
+"""`velocis train-micro | train-small | train-custom | train | train-cluster`: pretrain a model.
 
     velocis train-micro --chinese-path zh/ --english-path en/ --output-dir runs/micro
     velocis train-custom --data runs/micro/data --hidden-dim 64 --num-layers 2 --num-heads 2 \
         --num-kv-heads 1 --mlp-dim 128 --batch-size 8 --max-steps 200 --output-dir runs/tiny
     velocis train --preset micro --data DIR --time-budget 10 --output-dir runs/x
+    torchrun --nproc-per-node 8 -m velocis -- train-cluster --preset small --data DIR --parallel fsdp \
+        --expert-parallel 8 --world-size 8 --output-dir runs/small
+
+Every train command runs under torchrun (train/distributed.py); train-cluster is the one meant for
+it: --preset is required, shape flags apply on top, and it refuses to start without a launcher.
 
 The run flags are generated from TrainConfig's fields (velocis/train/config.py), the shape flags'
 choices from the part registries.
@@ -11,6 +16,7 @@ choices from the part registries.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -48,9 +54,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a run")
 
 
-def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+def add_shape_arguments(p: argparse.ArgumentParser, preset_required: bool = False) -> None:
     g = p.add_argument_group("model shape (on top of --preset)")
-    g.add_argument("--preset", default="micro", help="the preset to start from (default micro)")
+    if preset_required:
+        g.add_argument("--preset", required=True, help="the preset to start from")
+    else:
+        g.add_argument("--preset", default="micro", help="the preset to start from (default micro)")
     g.add_argument("--hidden-dim", type=int)
     g.add_argument("--num-layers", type=int)
     g.add_argument("--num-heads", type=int)
@@ -81,6 +90,22 @@ def register(sub) -> None:
             add_shape_arguments(p) if name == "train-custom" else p.add_argument("--preset", required=True)
         add_train_arguments(p)
         p.set_defaults(func=run, fixed_preset=preset, custom=name == "train-custom")
+    p = sub.add_parser("train-cluster", help="train on several processes or machines (run under torchrun)",
+                       description=CLUSTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(p, preset_required=True)
+    add_train_arguments(p)
+    p.set_defaults(func=run, fixed_preset=None, custom=True, cluster=True)
+
+
+CLUSTER_HELP = """train a --preset (shape flags on top) on the processes torchrun starts; --world-size checks
+their number. One machine:
+  torchrun --nproc-per-node 8 -m velocis -- train-cluster --preset small --data DIR --parallel fsdp
+Two machines (run on each; the same --rdzv-endpoint, a host of the first one):
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN \\
+      -m velocis -- train-cluster --preset small --data DIR --world-size 16 --output-dir /shared/runs/small
+The run directory must be on a file system every machine sees (each rank writes its checkpoint shards).
+The `--` after `-m velocis` keeps torchrun's own parser off Velocis' flags (without it, torchrun takes
+--monitor for an ambiguous abbreviation of its --monitor-interval and stops)."""
 
 
 def model_config_for(args, tokenizer) -> ModelConfig:
@@ -115,7 +140,12 @@ def run(args) -> int:
 
     preset = args.fixed_preset or args.preset
     get_preset(preset)  # an unknown preset fails here, before any work
-    output_dir = Path(args.output_dir or f"runs/{preset if not args.custom else 'custom'}")
+    if getattr(args, "cluster", False) and "WORLD_SIZE" not in os.environ:
+        raise VelocisError("train-cluster runs under a launcher: start it with `torchrun --nproc-per-node N -m "
+                           "velocis -- train-cluster ...` (one machine) or torchrun --nnodes on each machine; for one "
+                           "process use `velocis train`")
+    named = preset if getattr(args, "cluster", False) or not args.custom else "custom"
+    output_dir = Path(args.output_dir or f"runs/{named}")
     check_run_dir(output_dir, args.overwrite, bool(args.resume))  # before any data is prepared into it
     # under torchrun: join the other processes (checking --world-size) before any of them writes
     distributed.setup(args.world_size, args.device or TrainConfig.device, args.dist_timeout or TrainConfig.dist_timeout)

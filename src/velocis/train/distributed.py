@@ -1,7 +1,7 @@
 """The processes of a run: joining them, and the few numbers they must agree on.
 
-Launched by torchrun (`torchrun --nnodes N --nproc-per-node M -m velocis train ...`), every process
-finds RANK / WORLD_SIZE / LOCAL_RANK in its environment; `setup` joins the process group (NCCL on
+Launched by torchrun (`torchrun --nnodes N --nproc-per-node M -m velocis -- train-cluster ...`), every
+process finds RANK / WORLD_SIZE / LOCAL_RANK in its environment; `setup` joins the process group (NCCL on
 GPUs, gloo on CPUs) with a timeout, so a dead or stuck rank stops the others with an error instead
 of a hang. Without a launcher (or with one process) nothing is initialised and every helper here is
 the identity, so the single-process trainer runs the code it always ran.
@@ -80,8 +80,8 @@ def check_world_size(asked: int | None, launched: DistEnv) -> None:
         return
     if launched.world_size == 1 and "WORLD_SIZE" not in os.environ:
         raise VelocisError(f"world_size (--world-size) {asked} needs a launcher to start the processes: run "
-                           f"`torchrun --nproc-per-node {asked} -m velocis ...` (one machine) or torchrun with "
-                           f"--nnodes on each machine (README: running on several nodes)")
+                           f"`torchrun --nproc-per-node {asked} -m velocis -- train-cluster ...` (one machine) or "
+                           f"torchrun with --nnodes on each machine (README: Distributed training)")
     raise VelocisError(f"world_size (--world-size) is {asked} but the launcher started {launched.world_size} "
                        f"processes (WORLD_SIZE); match torchrun's --nnodes x --nproc-per-node, or drop --world-size")
 
@@ -311,6 +311,9 @@ def is_collective_failure(e: BaseException) -> bool:
     """A failed or timed-out collective (a peer died, hung, or its connection dropped)."""
     if isinstance(e, dist.DistError):
         return True
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: each failed rank's (exception, trace)
+    if isinstance(failures, dict):
+        return any(isinstance(f, tuple) and f and is_collective_failure(f[0]) for f in failures.values())
     text = str(e)
     return isinstance(e, RuntimeError) and any(s in text for s in (
         "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe"))

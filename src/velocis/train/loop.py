@@ -202,6 +202,7 @@ class Trainer:
         self.val_history: list[tuple[int, float, float]] = []
         self.stop_signal: int | None = None  # set by SIGINT / SIGTERM: stop after the current step
         self._last_save = self._last_eval = -1  # the steps last checkpointed / evaluated
+        self._saving: str | None = None  # set while a checkpoint is being written
         if cfg.init_from:  # fine-tuning: start from a trained model's weights (a resume then loads its own)
             ckpt_io.load_weights(self.model, Path(cfg.init_from))
         if prepare_model is not None:
@@ -385,6 +386,7 @@ class Trainer:
         self._clock = now
 
     def save(self) -> Path:
+        self._saving = f"the checkpoint of step {self.step}"  # what a lost rank's error names
         self._tick()
         t0 = time.perf_counter()
         state = self.trainer_state()
@@ -402,6 +404,7 @@ class Trainer:
             ckpt_io.write_root_model(self.run_dir, model, self.tokenizer)
         self._save_seconds = time.perf_counter() - t0
         self._last_save = self.step
+        self._saving = None
         self._tick()
         return path
 
@@ -450,16 +453,16 @@ class Trainer:
         try:
             with stop_at_step_boundary(self):
                 first_loss, last_loss = self._loop(monitor)
-        except RuntimeError as e:
-            if self.dist.active and distributed.is_collective_failure(e):
-                raise distributed.rank_lost(e, f"step {self.step + 1}", cfg.dist_timeout,
-                                            self._resume_hint()) from None
-            raise
         except KeyboardInterrupt:  # a second signal, or an interrupt raised inside a step
             # (several processes save only at a step boundary they all agreed on)
             if self.step > 0 and self._last_save != self.step and not self.dist.active:
                 monitor.note("interrupted: saving a checkpoint of the last finished step…")
                 self.save()
+            raise
+        except BaseException as e:  # BaseException: DCP's CheckpointException (a peer lost mid-save) is one
+            if self.dist.active and distributed.is_collective_failure(e):
+                raise distributed.rank_lost(e, self._saving or f"step {self.step + 1}", cfg.dist_timeout,
+                                            self._resume_hint()) from None
             raise
         finally:
             monitor.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,9 @@ def consolidate(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype | None
     weights = model.state_dict()
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)
-    _read(dcp, {"model": weights}, ckpt)  # in place: the state dict's tensors are the model's
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        _read(dcp, {"model": weights}, ckpt)  # in place: the state dict's tensors are the model's
     tokenizer = None
     if (ckpt / "tokenizer.json").is_file():
         from velocis.tokenizer import Tokenizer
