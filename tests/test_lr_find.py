@@ -35,3 +35,17 @@ def test_range_test_on_a_tiny_model(tiny_data_dir, tmp_path):
     assert 1e-5 <= result.suggestion <= 0.3
     assert "lr" in result.table()
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_lr_find_cli_prints_a_suggestion_and_leaves_the_output_dir_alone(tiny_data_dir, tmp_path, capsys):
+    from velocis.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train-custom", "--data", str(tiny_data_dir), "--output-dir", str(out), "--hidden-dim", "64",
+            "--num-layers", "2", "--num-heads", "2", "--mlp-dim", "96", "--max-seq-len", "64", "--feed-forward",
+            "relu2", "--qk-norm", "--zero-init-residual", "--no-tie-embeddings", "--batch-size", "4", "--seq-len",
+            "32", "--device", "cpu", "--threads", "1", "--lr-find", "--lr-find-steps", "30", "--optimizer", "muon"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "suggested --lr" in text
+    assert not out.exists() or not any(out.iterdir())

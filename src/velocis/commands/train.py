@@ -52,6 +52,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="auto", metavar="DIR",
                    help="continue from the newest checkpoint of --output-dir (or of DIR)")
     g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a run")
+    g.add_argument("--lr-find", action="store_true",
+                   help="instead of training: a learning-rate range test (rates 1e-5 -> 1 over --lr-find-steps "
+                        "steps) on this model, data and optimizer; prints the loss curve and a suggested --lr")
+    g.add_argument("--lr-find-steps", type=int, default=100, metavar="N")
 
 
 def add_shape_arguments(p: argparse.ArgumentParser, preset_required: bool = False) -> None:
@@ -72,10 +76,19 @@ def add_shape_arguments(p: argparse.ArgumentParser, preset_required: bool = Fals
     g.add_argument("--experts-per-token", type=int, dest="num_experts_per_token")
     g.add_argument("--moe-dim", type=int)
     g.add_argument("--balance", choices=["aux_loss", "aux_free", "none"])
+    g.add_argument("--feed-forward", dest="dense_feed_forward", choices=["mlp", "relu2"],
+                   help="dense layers: SwiGLU (mlp) or ReLU² (relu2: two matrices, so 1.5x --mlp-dim for equal size)")
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm on each head's queries and keys")
+    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the output head with the token embedding")
+    g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the residual branches' output projections at zero")
 
 
 SHAPE_FIELDS = ("hidden_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len",
-                "mixer", "num_experts", "num_experts_per_token", "moe_dim", "balance")
+                "mixer", "num_experts", "num_experts_per_token", "moe_dim", "balance", "dense_feed_forward",
+                "qk_norm", "tie_embeddings", "zero_init_residual")
 
 
 def register(sub) -> None:
@@ -181,6 +194,8 @@ def _run(args, preset: str, output_dir: Path) -> int:
     tokenizer = Tokenizer.load(data_dir)
     model_config = model_config_for(args, tokenizer)
     cfg = train_config_for(args, output_dir, data_dir, model_config)
+    if args.lr_find:
+        return _lr_find(args, cfg, model_config)
     result = train(cfg, model_config, resume=args.resume, overwrite=args.overwrite)
     if not distributed.is_main():
         return 0
@@ -189,4 +204,29 @@ def _run(args, preset: str, output_dir: Path) -> int:
         summary += f"; val bpb {result.val[0][2]:.3f} -> {result.val[-1][2]:.3f}"
     print(summary)
     print(f"model: {output_dir}  (try: velocis generate --model {output_dir} --prompt 'Once upon a time')")
+    return 0
+
+
+def _lr_find(args, cfg: TrainConfig, model_config: ModelConfig) -> int:
+    """The range test in a scratch run dir: the real --output-dir is left as it was."""
+    import dataclasses
+    import tempfile
+
+    from velocis.train import Trainer, distributed
+    from velocis.train.lr_find import find_lr
+
+    with tempfile.TemporaryDirectory(prefix="velocis-lr-find-") as scratch:
+        cfg = dataclasses.replace(cfg, output_dir=scratch, monitor="none", plot=False,
+                                  max_steps=max(args.lr_find_steps, 2), time_budget=None)
+        trainer = Trainer(cfg, model_config)
+        try:
+            result = find_lr(trainer, steps=args.lr_find_steps)
+        finally:
+            trainer.close()
+    if distributed.is_main():
+        print(result.table())
+        if result.suggestion is None:
+            raise VelocisError("the range test diverged at its first step; check the data and the model shape")
+        print(f"suggested --lr {result.suggestion:.2e}  (the lowest loss was at {result.suggestion * 10:.2e}; "
+              f"a tenth of it keeps a margin){' - stopped early: the loss blew up' if result.stopped_early else ''}")
     return 0
