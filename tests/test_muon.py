@@ -143,3 +143,23 @@ def test_a_muon_run_resumes_exactly(tiny_data_dir, tmp_path):
     first, again = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert {s: first[s] for s in (4, 5, 6)} == {s: again[s] for s in (4, 5, 6)}
     assert first[6] < first[1]
+
+
+def test_embedding_and_head_take_their_own_rate(tiny_data_dir, tmp_path):
+    from velocis.config import get_preset
+    from velocis.train import Trainer
+
+    for optimizer in ("adamw", "muon"):
+        cfg = TrainConfig(output_dir=str(tmp_path / optimizer), data_dir=str(tiny_data_dir), batch_size=2, seq_len=16,
+                          max_steps=1, device="cpu", monitor="none", plot=False, optimizer=optimizer,
+                          embed_lr_scale=5.0, lr=1e-3, warmup_steps=0)
+        trainer = Trainer(cfg, get_preset("micro", hidden_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
+                                          max_seq_len=32, tie_embeddings=False))
+        try:
+            trainer.train_step()
+            names = {id(p): n for n, p in trainer.model.named_parameters()}
+            rates = {names[id(p)]: g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+        finally:
+            trainer.close()
+        assert rates["embed_tokens.weight"] == rates["lm_head.weight"] == pytest.approx(5 * rates["norm.weight"])
+        assert rates["layers.0.mixer.q_proj.weight"] == pytest.approx(rates["norm.weight"])

@@ -42,6 +42,8 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw, or muon (Muon's orthogonalised update for the blocks' matrices, AdamW for "
                         "embeddings, head, norms and biases; one --lr serves both)", choices=["adamw", "muon"])
     muon_momentum: float = _f(0.95, "Muon's Nesterov momentum")
+    embed_lr_scale: float = _f(1.0, "the token embedding's and output head's rate as a multiple of --lr (untied "
+                               "embeddings often want their own)")
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
@@ -117,6 +119,8 @@ class TrainConfig:
         if self.expert_parallel > 1 and self.parallel != "fsdp":
             bad(f"{name('expert_parallel')} {self.expert_parallel} needs --parallel fsdp: expert shards compose with "
                 f"FSDP's sharded parameters, not with DDP's replicas")
+        if not self.embed_lr_scale > 0:
+            bad(f"{name('embed_lr_scale')} must be positive, got {self.embed_lr_scale}")
         if self.optimizer not in ("adamw", "muon"):
             bad(f"{name('optimizer')} {self.optimizer!r} is unknown; choose adamw or muon")
         if not 0 <= self.muon_momentum < 1:

@@ -329,7 +329,7 @@ class Trainer:
         self.model.train()
         lr = self.lr_now()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. embeddings at their own rate (optim.py)
         total, stats = self.accumulate([self._next_batch() for _ in range(self.cfg.grad_accum)])
         loss_value = total.item()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")

@@ -19,6 +19,7 @@ from velocis.train.muon import MuonAdamW
 
 # 2-D weights that are not hidden matrices: token tables and heads (their rows are looked up or
 # scored one by one), routers (a few rows whose scale is their meaning), low-rank adapters.
+TABLES = re.compile(r"^(embed_tokens|lm_head)\.weight$")  # the token embedding and output head
 NOT_MUON = re.compile(r"embed|(^|[._])head|lora_|(^|\.)gate\.weight$|router")
 
 
@@ -30,26 +31,31 @@ def takes_muon(name: str, p: nn.Parameter) -> bool:
 
 def build_optimizer(params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Parameter]], cfg,
                     device: torch.device) -> torch.optim.Optimizer:
-    """`params`: parameters, or (name, parameter) pairs (Muon needs the names)."""
+    """`params`: parameters, or (name, parameter) pairs (Muon and per-group rates need the names).
+    Groups, each parameter in the first that takes it: Muon's matrices (--optimizer muon), the
+    embedding and head at --embed-lr-scale times the rate (when not 1), decayed matrices, the rest."""
     named = [item if isinstance(item, tuple) else ("", item) for item in params]
     named = [(n, p) for n, p in named if p.requires_grad]
-    if getattr(cfg, "optimizer", "adamw") == "muon":
-        muon = [p for n, p in named if takes_muon(n, p)]
-        chosen = {id(p) for p in muon}
-        rest = [p for _, p in named if id(p) not in chosen]
-        groups = [
-            {"params": muon, "weight_decay": cfg.weight_decay, "muon": True},
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
+    groups: list[dict] = []
+    taken: set[int] = set()
+
+    def group(chosen: list[nn.Parameter], **options) -> None:
+        chosen = [p for p in chosen if id(p) not in taken]
+        taken.update(id(p) for p in chosen)
+        groups.append({"params": chosen, **options})
+
+    muon = getattr(cfg, "optimizer", "adamw") == "muon"
+    embed_scale = getattr(cfg, "embed_lr_scale", 1.0)
+    if muon:
+        group([p for n, p in named if takes_muon(n, p)], weight_decay=cfg.weight_decay, muon=True)
+    if embed_scale != 1.0:
+        group([p for n, p in named if TABLES.search(n)], weight_decay=cfg.weight_decay, lr_scale=embed_scale)
+    group([p for _, p in named if p.dim() >= 2], weight_decay=cfg.weight_decay)
+    group([p for _, p in named if p.dim() < 2], weight_decay=0.0)
+    if muon:
         # Newton–Schulz in bf16 where matmuls are fast in bf16 (GPUs); fp32 on CPUs
         return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum,
                          ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    params = [p for _, p in named]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     # The fused kernel does the whole update in one pass per tensor (CUDA and CPU).
     if device.type in ("cuda", "cpu"):
