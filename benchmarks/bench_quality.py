@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CORPORA = {"zh": SHARED / "zh" / "classical.txt", "en": SHARED / "en" / "tinyshakespeare.txt"}
-HELD_OUT_CHARS = {"zh": 60_000, "en": 120_000}  # about the same number of bytes per language
+HELD_OUT_CHARS = {"zh": 30_000, "en": 60_000}  # about the same number of bytes per language
 SHAPE = dict(hidden_dim=384, num_layers=8, num_heads=6, num_kv_heads=2, mlp_dim=1024, max_seq_len=256)
 BATCH, SEQ, VOCAB = 8, 256, 8192
 
@@ -84,9 +84,10 @@ def bits_per_byte(logits_fn, tokenizer, text: str, window: int = SEQ) -> float:
     return nll / math.log(2) / n_bytes
 
 
-def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, seed: int) -> dict:
+def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, seed: int,
+                       steps: int | None = None) -> dict:
     """The baseline loop: AdamW 1e-3 (betas 0.9/0.95, wd 0.1), warmup 30 steps, cosine to 10% over
-    the time budget, grad clip 1, fp32."""
+    the time budget (or over `steps`), grad clip 1, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from velocis.data.loader import PackedLoader
@@ -101,8 +102,10 @@ def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     loader = iter(PackedLoader(data_dir, SEQ, BATCH, seed=seed))
     budget, start, step = minutes * 60, time.perf_counter(), 0
-    while (elapsed := time.perf_counter() - start) < budget:
-        progress = elapsed / budget
+    while True:
+        progress = (time.perf_counter() - start) / budget if steps is None else step / steps
+        if progress >= 1:
+            break
         mult = min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = 1e-3 * mult
@@ -118,10 +121,12 @@ def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, 
     return {"steps": step, "tokens": step * BATCH * SEQ, "seconds": seconds}
 
 
-def train_velocis(data_dir: Path, out: Path, minutes: float, threads: int, seed: int, extra: list[str]) -> dict:
+def train_velocis(data_dir: Path, out: Path, minutes: float, threads: int, seed: int, extra: list[str],
+                  steps: int | None = None) -> dict:
     shape = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
+    stop = ["--time-budget", str(minutes)] if steps is None else ["--max-steps", str(steps)]
     run([sys.executable, "-m", "velocis", "train-custom", "--data", str(data_dir), "--output-dir", str(out),
-         *shape, "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--time-budget", str(minutes),
+         *shape, "--batch-size", str(BATCH), "--seq-len", str(SEQ), *stop,
          "--threads", str(threads), "--seed", str(seed), "--monitor", "plain", "--no-plot", "--overwrite",
          "--eval-every", "100000", *extra], stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -147,6 +152,8 @@ def score(kind: str, out: Path, tokenizer, held_out: dict[str, str]) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train each contestant this many steps instead (learning per step, whatever the load)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", type=Path, default=Path("/tmp/velocis_bench_quality"))
     ap.add_argument("--contestants", default="transformers,velocis")
@@ -164,11 +171,12 @@ def main() -> None:
         label = kind if kind == "transformers" else (args.label or f"velocis {args.velocis_args}".strip())
         out = args.work / "runs" / label.replace(" ", "_").replace("/", "_")
         if kind == "transformers":
-            info = train_transformers(data_dir, out, args.minutes, args.threads, args.seed)
+            info = train_transformers(data_dir, out, args.minutes, args.threads, args.seed, args.steps)
         else:
-            info = train_velocis(data_dir, out, args.minutes, args.threads, args.seed, shlex.split(args.velocis_args))
+            info = train_velocis(data_dir, out, args.minutes, args.threads, args.seed, shlex.split(args.velocis_args),
+                                 args.steps)
         bpb = score(kind, out, tokenizer, held_out)
-        row = {"label": label, **info, "bpb_zh": bpb["zh"], "bpb_en": bpb["en"], "minutes": args.minutes,
+        row = {"label": label, **info, "bpb_zh": bpb["zh"], "bpb_en": bpb["en"], "minutes": args.minutes, "fixed_steps": args.steps,
                "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores"}
         rows.append(row)
         with open(args.work / "results.jsonl", "a") as f:
