@@ -1,16 +1,21 @@
-"""Alignment on one CPU: pretraining + SFT, then GRPO, on the built-in arithmetic task.
+"""Alignment on one CPU: pretraining + SFT, then GRPO and DPO, on the built-in arithmetic task.
 
 Every stage is a `velocis` command (printed as it runs, so the README can show them):
   1. velocis task write      train/held-out splits of 1-2 digit addition (English + Chinese prompts),
                              SFT conversations and plain-text worked examples of the training split
   2. tokenizer               a small byte-level BPE trained on the task's text (Python API: one call)
   3. velocis train-custom    pretrain a tiny model on the worked examples (plain text)
-  4. velocis sft             brief SFT on the chat conversations (loss on the answers only)
+  4. velocis sft             SFT on the chat conversations (loss on the answers only)
   5. velocis eval-task       held-out accuracy after SFT (greedy, exact_numeric)
   6. velocis train-grpo      GRPO from the SFT model, rewarded by exact_numeric + format
   7. velocis eval-task       held-out accuracy after GRPO
+  8. velocis preference-pairs  correct-vs-wrong answer pairs of the same task (same held-out problems)
+  9. velocis eval-preference held-out preference accuracy (chosen ranked above rejected by log-prob) of
+                             the SFT model
+ 10. velocis dpo             DPO from the SFT model on the training pairs
+ 11. velocis eval-preference held-out preference accuracy after DPO (and its implicit-reward accuracy)
 
-    python benchmarks/align_arithmetic.py [--work-dir /tmp/velocis-align] [--threads 1] [--reuse]
+    python benchmarks/align_arithmetic.py [--work-dir /tmp/velocis-align] [--threads 1] [--reuse] [--skip-grpo]
 
 --reuse keeps the stages whose output is already in --work-dir (to iterate on a later stage).
 The held-out problems never appear in any training text. Prints the accuracies, seeds and time
@@ -49,6 +54,12 @@ def accuracy(model: Path, args, threads: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def preference(model: Path, pairs: Path, threads: int, reference: Path | None = None) -> dict:
+    extra = ["--reference", str(reference)] if reference else []
+    out = velocis("eval-preference", "--model", str(model), "--data", str(pairs), *extra, "--json", threads=threads)
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="/tmp/velocis-align")
@@ -63,11 +74,20 @@ def main() -> int:
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=60)
+    p.add_argument("--sft-steps", type=int, default=650)
     p.add_argument("--grpo-steps", type=int, default=120)
-    p.add_argument("--grpo-lr", type=float, default=3e-4)
+    p.add_argument("--grpo-lr", type=float, default=5e-5)
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--grpo-batch", type=int, default=128, help="completions per GRPO step")
+    p.add_argument("--grpo-temperature", type=float, default=1.0)
+    p.add_argument("--skip-equal-groups", action="store_true",
+                   help="GRPO: resample groups whose completions all earn the same reward (no signal)")
+    p.add_argument("--skip-grpo", action="store_true", help="only the DPO stages after SFT")
+    p.add_argument("--skip-dpo", action="store_true", help="only the GRPO stages after SFT")
+    p.add_argument("--n-pairs", type=int, default=1000, help="DPO training pairs")
+    p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--dpo-lr", type=float, default=1e-4)
+    p.add_argument("--dpo-beta", type=float, default=0.1)
     args = p.parse_args()
 
     work = Path(args.work_dir)
@@ -115,25 +135,52 @@ def main() -> int:
     t0 = time.perf_counter()
     acc_sft = accuracy(sft, args, t)
     times["eval_sft"] = round(time.perf_counter() - t0, 1)
-    stage("grpo", grpo / "model.safetensors", lambda: velocis(
-        "train-grpo", "--data", str(task / "train.jsonl"), "--model-dir", str(sft), "--output-dir", str(grpo),
-        "--overwrite", "--verifier", "exact_numeric,format", "--reward-weights", "1,0.1",
-        "--num-generations", str(args.num_generations), "--batch-size", str(args.grpo_batch),
-        "--max-completion-length", "24", "--beta", "0.0", "--loss-type", "dapo", "--epsilon-high", "0.28",
-        "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr), "--eval-every", str(args.grpo_steps),
-        "--eval-n", "0", "--save-every", str(args.grpo_steps), "--log-every", "10", *common, threads=t))
-    t0 = time.perf_counter()
-    acc_grpo = accuracy(grpo, args, t)
-    times["eval_grpo"] = round(time.perf_counter() - t0, 1)
+    result = {"accuracy_after_sft": acc_sft["accuracy"], "n_eval": args.n_eval, "task_seed": args.task_seed,
+              "train_seed": args.seed, "threads": t}
+    if not args.skip_grpo:
+        stage("grpo", grpo / "model.safetensors", lambda: velocis(
+            "train-grpo", "--data", str(task / "train.jsonl"), "--model-dir", str(sft), "--output-dir", str(grpo),
+            "--overwrite", "--verifier", "exact_numeric,format", "--reward-weights", "1,0.1",
+            "--num-generations", str(args.num_generations), "--batch-size", str(args.grpo_batch),
+            "--max-completion-length", "24", "--beta", "0.0", "--loss-type", "dapo", "--epsilon-high", "0.28",
+            "--temperature", str(args.grpo_temperature), *(["--skip-equal-groups"] if args.skip_equal_groups else []),
+            "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr), "--eval-every", str(args.grpo_steps),
+            "--eval-n", "0", "--save-every", str(args.grpo_steps), "--log-every", "10", *common, threads=t))
+        t0 = time.perf_counter()
+        acc_grpo = accuracy(grpo, args, t)
+        times["eval_grpo"] = round(time.perf_counter() - t0, 1)
+        result.update(accuracy_after_grpo=acc_grpo["accuracy"],
+                      gain_points=round(100 * (acc_grpo["accuracy"] - acc_sft["accuracy"]), 1))
+    if not args.skip_dpo:
+        pairs, dpo = work / "pairs", work / "dpo"
+        stage("pairs", pairs / "eval.jsonl", lambda: velocis(
+            "preference-pairs", "--task", "arithmetic", "--difficulty", str(args.difficulty), "--lang", "mix",
+            "--seed", str(args.task_seed), "--n-train", str(args.n_pairs), "--n-eval", str(args.n_eval),
+            "--output-dir", str(pairs), "--overwrite", threads=t))
+        t0 = time.perf_counter()
+        pref_sft = preference(sft, pairs / "eval.jsonl", t)
+        times["eval_pref_sft"] = round(time.perf_counter() - t0, 1)
+        stage("dpo", dpo / "model.safetensors", lambda: velocis(
+            "dpo", "--data", str(pairs / "train.jsonl"), "--model-dir", str(sft), "--output-dir", str(dpo),
+            "--overwrite", "--beta", str(args.dpo_beta), "--batch-size", "16", "--seq-len", "128",
+            "--max-steps", str(args.dpo_steps), "--lr", str(args.dpo_lr), "--val-fraction", "0.05",
+            "--eval-every", str(args.dpo_steps), "--log-every", "10", *common, threads=t))
+        t0 = time.perf_counter()
+        pref_dpo = preference(dpo, pairs / "eval.jsonl", t, reference=sft)
+        times["eval_pref_dpo"] = round(time.perf_counter() - t0, 1)
+        result.update(preference_accuracy_sft=pref_sft["accuracy"], preference_accuracy_dpo=pref_dpo["accuracy"],
+                      implicit_reward_accuracy_dpo=pref_dpo.get("reward_accuracy"))
     total = round(time.perf_counter() - start, 1)
-    result = {"accuracy_after_sft": acc_sft["accuracy"], "accuracy_after_grpo": acc_grpo["accuracy"],
-              "gain_points": round(100 * (acc_grpo["accuracy"] - acc_sft["accuracy"]), 1),
-              "n_eval": args.n_eval, "task_seed": args.task_seed, "train_seed": args.seed, "threads": t,
-              "seconds": times, "total_seconds": total, "settings": vars(args)}
+    result.update(seconds=times, total_seconds=total, settings=vars(args))
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nheld-out accuracy (greedy, {args.n_eval} problems): after pretraining + SFT "
-          f"{acc_sft['accuracy']:.3f}, after GRPO {acc_grpo['accuracy']:.3f} "
-          f"({result['gain_points']:+.1f} points)")
+    line = f"\nheld-out accuracy (greedy, {args.n_eval} problems): after pretraining + SFT {acc_sft['accuracy']:.3f}"
+    if "accuracy_after_grpo" in result:
+        line += f", after GRPO {result['accuracy_after_grpo']:.3f} ({result['gain_points']:+.1f} points)"
+    print(line)
+    if "preference_accuracy_dpo" in result:
+        print(f"held-out preference accuracy ({args.n_eval} pairs, log-prob of chosen above rejected): SFT "
+              f"{result['preference_accuracy_sft']:.3f}, after DPO {result['preference_accuracy_dpo']:.3f} "
+              f"(implicit-reward accuracy {result['implicit_reward_accuracy_dpo']:.3f})")
     print(f"seeds: task {args.task_seed}, training {args.seed}; time: " +
           ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
     return 0

@@ -521,3 +521,21 @@ def test_grpo_with_a_reward_model_and_lora(tiny_setup, one_thread):
     merged, _ = velocis.load(out, device="cpu")
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted projections moved
+
+
+def test_grpo_trainer_raises_a_learnable_reward(tiny_setup, one_thread):
+    """The whole train-grpo path (sampling, rows, advantages, loss, optimizer) moves the policy towards
+    what is rewarded: a random tiny model, rewarded for the share of digits in its completion, earns
+    clearly more of it after a few steps than at the start."""
+    root, task = tiny_setup
+    (root / "digits.py").write_text("def digits(response, answer):\n"
+                                    "    return sum(c.isdigit() for c in response) / max(1, len(response))\n")
+    out = root / "grpo-digits"
+    assert _cli("train-grpo", "--data", task / "train.jsonl", "--model-dir", root / "base", "--output-dir", out,
+                "--verifier", f"{root / 'digits.py'}:digits", "--num-generations", 8, "--batch-size", 64,
+                "--max-steps", 30, "--lr", 3e-3, "--beta", 0.0, "--eval-n", 0, "--eval-every", 100,
+                "--save-every", 100, *RUN) == 0
+    rewards = [json.loads(l)["reward_mean"] for l in (out / "metrics.jsonl").read_text().splitlines()
+               if '"train"' in l]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > 2 * first and last > first + 0.05, (first, last)  # measured: 0.030 -> 0.120

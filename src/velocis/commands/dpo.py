@@ -144,15 +144,15 @@ def _train_config(args, kind: str, output_dir: Path, model_dir: Path, model_conf
 
 def run(args) -> int:
     from velocis.align import preference as pref
-    from velocis.align.lora import lora_settings, lora_trainer_hooks
+    from velocis.align.lora import lora_settings, lora_trainer_hooks, save_adapters
     from velocis.config import ModelConfig
     from velocis.model_io import load_tokenizer
     from velocis.train.data_source import TrainData
-    from velocis.train.run_dir import check_run_dir
+    from velocis.train.run_dir import check_run_dir, locked_run_dir
     from velocis.utils.output_dir import check_not_input
 
     kind = args.kind
-    lora_settings(args)  # bad LoRA flags fail before any work
+    lora = lora_settings(args)  # bad LoRA flags fail before any work
     model_dir = _model_dir(args.model_dir)
     output_dir = Path(args.output_dir)
     check_not_input(output_dir, model_dir, "--model-dir", "--output-dir")
@@ -185,10 +185,13 @@ def run(args) -> int:
                                       cache_file=output_dir / pref.REF_CACHE, batch_size=cfg.batch_size, pad_id=pad)
     else:
         objective = pref.RewardObjective(seed=cfg.seed)
-    trainer = pref.PreferenceTrainer(cfg, model_config, objective=objective,
-                                     data=TrainData(tokenizer, train_loader, val_loader, None, str(args.data)),
-                                     resume=args.resume, overwrite=args.overwrite, **lora_trainer_hooks(args))
-    result = trainer.run()
+    with locked_run_dir(output_dir):  # one writer: a second run or resume here is refused
+        trainer = pref.PreferenceTrainer(cfg, model_config, objective=objective,
+                                         data=TrainData(tokenizer, train_loader, val_loader, None, str(args.data)),
+                                         resume=args.resume, overwrite=args.overwrite, **lora_trainer_hooks(args))
+        result = trainer.run()
+        if lora is not None:  # the root holds the merged model; the adapters too, as sft and rl leave them
+            save_adapters(trainer.model, output_dir, base_model=str(model_dir))
     summary = f"done: {result.step} steps, {len(data.train)} training pairs in {result.elapsed_s / 60:.1f} min"
     history = getattr(trainer, "eval_history", [])
     if history:
@@ -198,8 +201,8 @@ def run(args) -> int:
         if kind == "dpo":
             summary += f", implicit-reward accuracy {history[-1]['rewards/accuracies']:.3f}"
     print(summary)
-    print(f"model: {output_dir}" + (" (reward model: velocis.align.preference.load_reward_model)"
-                                    if kind == "train-reward" else ""))
+    print(f"model: {output_dir}" + (" (merged; adapters beside it)" if lora else "")
+          + (" (reward model: velocis.align.preference.load_reward_model)" if kind == "train-reward" else ""))
     if data.skip_summary():
         print(f"velocis {kind}: {data.skip_summary()}", file=sys.stderr)
     return 0
