@@ -20,6 +20,9 @@ gradients, fp32):
   chunked     `chunk_gated_delta_rule` (chunks of 64 tokens, like transformers' torch fallback and
               flash-linear-attention): within a chunk the sequential updates fold into one triangular
               solve (the UT transform), so a chunk costs a few matmuls and only the chunks run in order.
+  fla         `fla_gated_delta_rule`: flash-linear-attention's Triton kernels (optional extra `fla`); the
+              chunked form runs it instead on CUDA when it imports (`chunk_rule_for`); tests hold it to the
+              reference too.
 Packed rows (positions restarting inside a row, `Positions.doc_ids`): every document starts from a
 zero state and a zero convolution window. The chunked form does it with masks: decays between two
 tokens of different documents are 0, so no term crosses a boundary.
@@ -30,6 +33,7 @@ kept in fp32 whatever the model's dtype (it accumulates over the whole sequence)
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -213,8 +217,66 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state=None, doc_ids=None, chunk_siz
     return o.transpose(1, 2), S
 
 
+def fla_varlen(starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flash-linear-attention's varlen form of packed rows: starts [B, T] (True at each document's first
+    token) -> (cu_seqlens of the rows flattened into one sequence, cut at every row and document start;
+    each row's first document; each row's last document), as indices into fla's per-document states."""
+    B, T = starts.shape
+    starts = starts.clone()
+    starts[:, 0] = True
+    first = starts.reshape(-1).nonzero().squeeze(1)  # flat index of each document's first token
+    cu_seqlens = torch.cat([first, first.new_tensor([B * T])])
+    row_starts = torch.arange(B, device=first.device) * T
+    return cu_seqlens, torch.searchsorted(first, row_starts), torch.searchsorted(first, row_starts + T) - 1
+
+
+def fla_gated_delta_rule(q, k, v, g, beta, state=None, doc_ids=None):
+    """flash-linear-attention's chunked Triton kernels (`pip install velocis[fla]`, CUDA), mapped onto the
+    conventions above: q and k arrive normalised and q scaled (so scale 1, no in-kernel L2 norm), one key
+    head per value head, g in log space, beta after the sigmoid, states [dk, dv]. Packed documents become
+    fla's varlen form (`fla_varlen`): a row's state enters its first document (later ones start from zero,
+    as in the reference) and its final state is its last document's."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    B, T, H, dk = k.shape
+    dv = v.shape[-1]
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    state = None if state is None else state.float()
+    if doc_ids is None:
+        return fla_chunk(q, k, v, g, beta, scale=1.0, initial_state=state, output_final_state=True)
+    starts = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0))
+    cu_seqlens, row_first, row_last = fla_varlen(starts)
+    if state is not None:
+        state = state.new_zeros(len(cu_seqlens) - 1, H, dk, dv).index_copy(0, row_first, state)
+    flat = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta))
+    o, final = fla_chunk(*flat, scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    return o.reshape(B, T, H, dv), final[row_last]
+
+
+@functools.cache
+def fla_available() -> bool:
+    """Whether flash-linear-attention's kernels import (asked only for CUDA inputs)."""
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+        import fla.ops.simple_gla  # noqa: F401  (Mamba-2's SSD, models/mamba2.py)
+    except Exception:  # not installed, or installed against another torch / triton
+        return False
+    return True
+
+
+def fla_runs_on(x: torch.Tensor) -> bool:
+    """fla's kernels replace a chunked PyTorch form for CUDA tensors (not fp64: Triton's dots are fp32 at most)."""
+    return x.is_cuda and x.dtype != torch.float64 and fla_available()
+
+
+def chunk_rule_for(x: torch.Tensor) -> str:
+    """The chunked form to run for tensors like x: fla's kernels on CUDA when installed, else the PyTorch one
+    (the reference for fla, and the CPU path)."""
+    return "fla" if fla_runs_on(x) else "chunk"
+
+
 DELTA_RULES = {"reference": delta_rule_reference, "recurrent": recurrent_gated_delta_rule,
-               "chunk": chunk_gated_delta_rule}
+               "chunk": chunk_gated_delta_rule, "fla": fla_gated_delta_rule}
 
 
 # --------------------------------------------------------------------------- the layer
@@ -268,7 +330,8 @@ def deltanet_dims(config) -> tuple[int, int, int, int, int]:
 @register_mixer("gated_deltanet")
 class GatedDeltaNet(Mixer):
     cache_kind = "state"
-    # which recurrence runs ("chunk" | "recurrent" | "reference"); with a cache, chunks of fewer than
+    # which recurrence runs ("chunk" | "recurrent" | "reference" | "fla"; "chunk" runs fla on CUDA when it
+    # imports, see chunk_rule_for); with a cache, chunks of fewer than
     # `recurrent_below` tokens (decode steps) run the recurrent form: the chunked one would pad them to 64
     impl = "chunk"
     recurrent_below = 16
@@ -327,10 +390,12 @@ class GatedDeltaNet(Mixer):
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         return mixed, z.reshape(B, T, -1, dv), b.reshape(B, T, -1), a.reshape(B, T, -1)
 
-    def _rule(self, T: int, cache) -> str:
-        if self.impl == "chunk" and cache is not None and T < self.recurrent_below:
+    def _rule(self, x: torch.Tensor, cache) -> str:
+        if self.impl != "chunk":
+            return self.impl
+        if cache is not None and x.shape[1] < self.recurrent_below:
             return "recurrent"
-        return self.impl
+        return chunk_rule_for(x)
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: DeltaNetCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -349,7 +414,7 @@ class GatedDeltaNet(Mixer):
         v = v.float().view(B, T, -1, self.head_v_dim)
         beta = b.float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        o, state = DELTA_RULES[self._rule(T, cache)](q, k, v, g, beta, cache.recurrent if cache is not None else None,
+        o, state = DELTA_RULES[self._rule(x, cache)](q, k, v, g, beta, cache.recurrent if cache is not None else None,
                                                      docs)
         if cache is not None:
             cache.conv.copy_(window)

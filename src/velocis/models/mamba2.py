@@ -18,6 +18,8 @@ gradients, fp32):
   chunked    `ssd_chunked` (Mamba-2's SSD, as ssd_minimal and transformers' torch fallback): within a
              chunk the outputs are a masked, decay-weighted attention (C B^T) x; the chunks pass
              states on, so only the chunks run in order. Training and prefill.
+  fla        `ssd_fla`: flash-linear-attention's simple-GLA Triton kernels (optional extra `fla`), run
+             instead of the chunked form on CUDA when they import; tests hold it to the reference too.
 Packed rows (positions restarting inside a row, `Positions.doc_ids`): every document starts from a
 zero state and a zero convolution window. The chunked form sets a document's first log-decay to
 -inf, and every decay it builds is a sum of log-decays over a span (never a difference of cumulative
@@ -37,6 +39,7 @@ from torch import nn
 
 from velocis.kernels.gemm import Linear
 from velocis.models.cache import LayerCache
+from velocis.models.deltanet import fla_runs_on, fla_varlen
 from velocis.models.mixer import Mixer
 from velocis.models.positions import Positions
 from velocis.models.registry import register_mixer
@@ -175,6 +178,31 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, state=None, resets=None):
     return y.reshape(b, -1, H, P)[:, :T], final
 
 
+def ssd_fla(x, dt, A, B, C, state=None, resets=None):
+    """`ssd_reference` by flash-linear-attention's simple-GLA Triton kernels (`pip install velocis[fla]`,
+    CUDA): the SSD recurrence is a scalar-gated linear attention with q = C, k = B, v = dt x, log gate dt A,
+    scale 1 and the state stored [P, N] (fla's `state_v_first`). Packed documents become fla's varlen form
+    (deltanet.fla_varlen). Same arguments and results (fp32)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    b, T, H, P = x.shape
+    N = B.shape[-1]
+    x, dt = x.float(), dt.float()
+    q, k, v, g = _heads(C.float(), H), _heads(B.float(), H), x * dt[..., None], dt * A.float()
+    state = None if state is None else state.float()
+    if resets is None:
+        return chunk_simple_gla(q, k, v, g, scale=1.0, initial_state=state, output_final_state=True,
+                                state_v_first=True)
+    cu_seqlens, row_first, row_last = fla_varlen(resets)
+    if state is not None:  # a row's state enters its first document (unless it resets), the others start at 0
+        state = state * (~resets[:, 0]).to(state.dtype)[:, None, None, None]
+        state = state.new_zeros(len(cu_seqlens) - 1, H, P, N).index_copy(0, row_first, state)
+    flat = (t.reshape(1, b * T, *t.shape[2:]) for t in (q, k, v, g))
+    y, final = chunk_simple_gla(*flat, scale=1.0, initial_state=state, output_final_state=True, state_v_first=True,
+                                cu_seqlens=cu_seqlens)
+    return y.reshape(b, T, H, P), final[row_last]
+
+
 # --------------------------------------------------------------------------- the layer
 class GatedRMSNorm(nn.Module):
     """weight * rmsnorm(y * silu(z)), the RMS over groups of `group` channels (HF MambaRMSNormGated with
@@ -299,6 +327,8 @@ class Mamba2(Mixer):
         elif cache is not None and T == 1:  # decoding: the recurrent form
             y, state = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state)
             y = y[:, None]
+        elif fla_runs_on(xs):  # CUDA with flash-linear-attention installed: its Triton kernels
+            y, state = ssd_fla(xs, dt, A, B, C, state, resets)
         else:
             y, state = ssd_chunked(xs, dt, A, B, C, self.chunk_size, state, resets)
         if cache is not None:
