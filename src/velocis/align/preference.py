@@ -358,20 +358,33 @@ class PreferenceLoader:
     forever; validation is one pass in file order. The position (epoch, step) is the state, so a
     resumed run continues at the same batch."""
 
-    def __init__(self, data: PreferenceSet, batch_size: int, pad_id: int, seed: int = 0, train: bool = True):
+    def __init__(self, data: PreferenceSet, batch_size: int, pad_id: int, seed: int = 0, train: bool = True,
+                 rank: int = 0, world_size: int = 1):
         if batch_size <= 0:
             raise VelocisError(f"batch size (--batch-size) must be positive, got {batch_size}")
         self.data, self.batch_size, self.pad_id, self.seed, self.train = data, batch_size, pad_id, seed, train
+        self.rank, self.world_size = rank, world_size
+        if train and len(data) < world_size:
+            raise VelocisError(f"{len(data)} training pairs cannot be shared by {world_size} processes; give more "
+                               f"pairs or start fewer processes")
         self.epoch = self.step = 0
 
+    def _share(self) -> int:
+        """Pairs this rank reads per epoch: training, the same count on every rank (ranks stay in step;
+        the epoch's last len % world_size shuffled pairs wait for the next epoch); validation, all of its slice."""
+        n = len(self.data)
+        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
+
     def __len__(self) -> int:
-        return math.ceil(len(self.data) / self.batch_size)
+        return math.ceil(self._share() / self.batch_size)
 
     def order(self, epoch: int) -> list[int]:
+        """This rank's pair indices for `epoch`: the shuffled order (file order for validation),
+        every world_size-th from `rank`."""
         idx = list(range(len(self.data)))
         if self.train:
             random.Random(f"{self.seed}-{epoch}").shuffle(idx)
-        return idx
+        return idx[self.rank::self.world_size][:self._share()]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -389,7 +402,7 @@ class PreferenceLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
-                "pairs": len(self.data), "split": self.data.name}
+                "pairs": len(self.data), "split": self.data.name, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("pairs", len(self.data))):
@@ -425,6 +438,18 @@ def _aux_loss(model, out) -> torch.Tensor:
     return total
 
 
+def _copy_of(model: nn.Module) -> nn.Module:
+    """The model, copied: deepcopy on one process; from the full state dict under DDP / FSDP (their
+    wrapped modules refuse deepcopy)."""
+    from velocis.train import distributed
+
+    if not distributed.current().active:
+        return copy.deepcopy(model)
+    from velocis.train.sharded_checkpoint import full_copy
+
+    return full_copy(model)
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -457,9 +482,16 @@ class PairObjective(Objective):
             e["logp_correct"] += float((logps[0] > logps[1]).float().sum())
 
     def eval_stats(self) -> dict[str, float]:
-        """The held-out means since the last call (then reset)."""
+        """The held-out means since the last call (then reset), over every rank's share of the pairs."""
+        from velocis.train import distributed
+
         e = getattr(self, "_eval", None)
         self._reset_eval()
+        if e is not None and distributed.current().active:  # one all-reduce of the sums (every rank calls this)
+            keys = sorted(e)
+            summed = distributed.sum_over_ranks(torch.tensor([float(e[k]) for k in keys], dtype=torch.float64))
+            e = {k: float(v) for k, v in zip(keys, summed.tolist())}
+            e["pairs"] = int(e["pairs"])
         if not e or not e["pairs"]:
             return {}
         n = e["pairs"]
@@ -507,7 +539,7 @@ class DPOObjective(PairObjective):
         if self.precompute:  # the model holds the starting weights now: score with it, no copy needed
             self._precompute(model, device)
         elif not self.adapters_off:
-            self.reference = _frozen(copy.deepcopy(model))
+            self.reference = _frozen(_copy_of(model))
 
     def _reference_forward(self, model, input_ids, targets) -> torch.Tensor:
         from velocis.align.lora import lora_disabled
@@ -554,7 +586,9 @@ class DPOObjective(PairObjective):
             for s in self.precompute:
                 s.ref_chosen, s.ref_rejected = reference_logps(model, s, self.batch_size, self.pad_id, device)
                 tensors[f"{s.name}.chosen"], tensors[f"{s.name}.rejected"] = s.ref_chosen, s.ref_rejected
-        if self.cache_file is not None:
+        from velocis.train import distributed
+
+        if self.cache_file is not None and distributed.is_main():  # every rank computed the same; one writes
             with atomic_path(self.cache_file) as tmp:
                 save_file(tensors, tmp, metadata={"fingerprint": fp, "format": "velocis-ref-logps"})
 

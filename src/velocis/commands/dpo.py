@@ -147,6 +147,7 @@ def run(args) -> int:
     from velocis.align.lora import lora_settings, lora_trainer_hooks, save_adapters
     from velocis.config import ModelConfig
     from velocis.model_io import load_tokenizer
+    from velocis.train import distributed
     from velocis.train.data_source import TrainData
     from velocis.train.run_dir import check_run_dir, locked_run_dir
     from velocis.utils.output_dir import check_not_input
@@ -172,13 +173,16 @@ def run(args) -> int:
     encoder = pref.PairEncoder.for_model_dir(model_dir, tokenizer, model_config)
     data = pref.load_preference_data(args.data, encoder, seq_len, args.val_fraction,
                                      args.seed if args.seed is not None else TrainConfig.seed, args.val_data)
-    if data.skip_summary():
+    ranks = distributed.launcher_env()  # under torchrun: each rank reads its own share of the pairs
+    if data.skip_summary() and ranks.is_main:
         print(f"velocis {kind}: warning: {data.skip_summary()}", file=sys.stderr)
     cfg = _train_config(args, kind, output_dir, model_dir, model_config, len(data.train),
                         len(data.val) if data.val else 0)
     pad = pref.pad_id_for(tokenizer)
-    train_loader = pref.PreferenceLoader(data.train, cfg.batch_size, pad, cfg.seed, train=True)
-    val_loader = pref.PreferenceLoader(data.val, cfg.batch_size, pad, cfg.seed, train=False) if data.val else None
+    train_loader = pref.PreferenceLoader(data.train, cfg.batch_size, pad, cfg.seed, train=True,
+                                         rank=ranks.rank, world_size=ranks.world_size)
+    val_loader = (pref.PreferenceLoader(data.val, cfg.batch_size, pad, cfg.seed, train=False, rank=ranks.rank,
+                                        world_size=ranks.world_size) if data.val else None)
     if kind == "dpo":
         objective = pref.DPOObjective(args.beta, args.loss, args.label_smoothing,
                                       precompute=[data.train, data.val] if args.precompute_ref else None,
@@ -190,8 +194,10 @@ def run(args) -> int:
                                          data=TrainData(tokenizer, train_loader, val_loader, None, str(args.data)),
                                          resume=args.resume, overwrite=args.overwrite, **lora_trainer_hooks(args))
         result = trainer.run()
-        if lora is not None:  # the root holds the merged model; the adapters too, as sft and rl leave them
+        if lora is not None and ranks.is_main:  # the root holds the merged model; the adapters too, as sft and rl
             save_adapters(trainer.model, output_dir, base_model=str(model_dir))
+    if not ranks.is_main:
+        return 0
     summary = f"done: {result.step} steps, {len(data.train)} training pairs in {result.elapsed_s / 60:.1f} min"
     history = getattr(trainer, "eval_history", [])
     if history:

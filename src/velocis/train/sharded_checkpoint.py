@@ -114,6 +114,22 @@ def _read(dcp, state: dict[str, Any], ckpt: Path) -> None:
                            f"this model? Resume from another checkpoint") from None
 
 
+def full_copy(model: nn.Module) -> nn.Module:
+    """A plain copy (no DDP/FSDP wrapping, every tensor whole) of a parallelized model, on every rank
+    and on the model's device: e.g. a frozen reference for DPO, where deepcopy of a DDP or FSDP
+    module is refused. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from velocis.model_io import build_model
+
+    state = get_model_state_dict(model, options=_options(full_state_dict=True))
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    device = next(model.parameters()).device
+    return build_model(model.config, {k: v.detach().clone() for k, v in state.items()}, where="the model",
+                       device=device)
+
+
 def gather_full_model(model: nn.Module):
     """The whole model on rank 0's CPU (a collective: every rank calls it); None on the other ranks."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
