@@ -11,7 +11,21 @@ from velocis.config import get_preset
 from velocis.infer.generate import generate_ids
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "transformers_torch_path")
+
+
+@pytest.fixture(scope="module")
+def transformers_torch_path():
+    """transformers binds fla's Triton gated-delta-rule kernels at import whenever fla is installed
+    (`pip install velocis[fla]`), even for a CPU model, where they cannot run: hold its Qwen3-Next
+    to its own PyTorch functions (the wrapped originals), which is what this test compares with."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    mp = pytest.MonkeyPatch()
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+        mp.setattr(m, name, getattr(getattr(m, name), "__wrapped__", getattr(m, name)))
+    yield
+    mp.undo()
 
 # 8 layers: layer_types default to three linear_attention then one full_attention, twice;
 # layer 2 is a dense MLP (mlp_only_layers), the rest MoE
