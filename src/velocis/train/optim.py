@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from velocis.train.muon import MuonAdamW
+from velocis.utils.device import hardware_bf16
 
 # 2-D weights that are not hidden matrices: token tables and heads (their rows are looked up or
 # scored one by one), routers (a few rows whose scale is their meaning), low-rank adapters.
@@ -53,9 +54,10 @@ def build_optimizer(params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Para
     group([p for _, p in named if p.dim() >= 2], weight_decay=cfg.weight_decay)
     group([p for _, p in named if p.dim() < 2], weight_decay=0.0)
     if muon:
-        # Newton–Schulz in bf16 where matmuls are fast in bf16 (GPUs); fp32 on CPUs
+        # Newton–Schulz in bf16 where the hardware multiplies bf16 (GPUs, AVX512-BF16 / AMX CPUs: ~4x faster
+        # than fp32 there, and the iteration tolerates it, as torch.optim.Muon's bf16 does); else fp32
         return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum,
-                         ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                         ns_dtype=torch.bfloat16 if hardware_bf16(device) else torch.float32)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     # The fused kernel does the whole update in one pass per tensor (CUDA and CPU).
     if device.type in ("cuda", "cpu"):
