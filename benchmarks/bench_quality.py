@@ -10,7 +10,9 @@ any --velocis-args (the ablation knobs); the baseline is transformers with AdamW
 warmup then cosine over the time budget, fp32, as the issue states it.
 
     python benchmarks/bench_quality.py [--minutes 10] [--threads 2] [--work /tmp/vq]
-        [--contestants transformers,velocis] [--velocis-args "--optimizer muon"] [--label NAME]
+        [--contestants transformers,velocis] [--velocis-args="--optimizer muon"] [--label NAME]
+
+(--velocis-args=... with "=": argparse takes a lone "--flag" value for an option of its own.)
 
 Prints one table row per contestant: tokens seen, tokens/s, bits per byte on zh and en, and
 Velocis' ratio against the baseline when both ran. Results are also appended to
