@@ -3,11 +3,12 @@ wall-clock, on the same tokenizer, data and machine, scored on held-out Chinese 
 
 The held-out text is the tail of each language's corpus (never trained on). Both contestants
 train on the same prepared token shards (Velocis' PackedLoader feeds the transformers loop too),
-with the same shape, batch and sequence length, for the same minutes, one after the other; each
+with the same shape and sequence length, for the same minutes, one after the other; each
 then is scored by the same function here: bits per byte = summed next-token NLL / ln 2 / UTF-8
 bytes of the held-out text. Velocis trains through `velocis train-custom` with its defaults plus
-any --velocis-args (the ablation knobs); the baseline is transformers with AdamW lr 1e-3, linear
-warmup then cosine over the time budget, fp32, as the issue states it.
+any --velocis-args (the ablation knobs), its batch size included (the recipe's: 16 sequences); the
+baseline is transformers with AdamW lr 1e-3, linear warmup then cosine over the time budget, fp32,
+batch 8 x 256 as the issue states it (--transformers-batch for a control at Velocis' batch).
 
     python benchmarks/bench_quality.py [--minutes 10] [--threads 2] [--work /tmp/vq]
         [--contestants transformers,velocis] [--velocis-args="--optimizer muon"] [--label NAME]
@@ -87,7 +88,7 @@ def bits_per_byte(logits_fn, tokenizer, text: str, window: int = SEQ) -> float:
 
 
 def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, seed: int,
-                       steps: int | None = None) -> dict:
+                       steps: int | None = None, batch: int = BATCH) -> dict:
     """The baseline loop: AdamW 1e-3 (betas 0.9/0.95, wd 0.1), warmup 30 steps, cosine to 10% over
     the time budget (or over `steps`), grad clip 1, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -102,7 +103,7 @@ def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, 
                       tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False)
     model = LlamaForCausalLM(cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    loader = iter(PackedLoader(data_dir, SEQ, BATCH, seed=seed))
+    loader = iter(PackedLoader(data_dir, SEQ, batch, seed=seed))
     budget, start, step = minutes * 60, time.perf_counter(), 0
     while True:
         progress = (time.perf_counter() - start) / budget if steps is None else step / steps
@@ -120,7 +121,7 @@ def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, 
         step += 1
     seconds = time.perf_counter() - start
     model.save_pretrained(out)
-    return {"steps": step, "tokens": step * BATCH * SEQ, "seconds": seconds}
+    return {"steps": step, "tokens": step * batch * SEQ, "seconds": seconds}
 
 
 def train_velocis(data_dir: Path, out: Path, minutes: float, threads: int, seed: int, extra: list[str],
@@ -128,7 +129,7 @@ def train_velocis(data_dir: Path, out: Path, minutes: float, threads: int, seed:
     shape = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
     stop = ["--time-budget", str(minutes)] if steps is None else ["--max-steps", str(steps)]
     run([sys.executable, "-m", "velocis", "train-custom", "--data", str(data_dir), "--output-dir", str(out),
-         *shape, "--batch-size", str(BATCH), "--seq-len", str(SEQ), *stop,
+         *shape, "--seq-len", str(SEQ), *stop,
          "--threads", str(threads), "--seed", str(seed), "--monitor", "plain", "--no-plot", "--overwrite",
          "--eval-every", "100000", *extra], stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--velocis-args", default="", help="extra train-custom flags (an ablation knob)")
     ap.add_argument("--label", default=None, help="name of this Velocis row (default: its extra flags)")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--transformers-batch", type=int, default=BATCH, help="the baseline's batch (default 8)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     from velocis.tokenizer import Tokenizer
@@ -170,10 +172,12 @@ def main() -> None:
     tokenizer = Tokenizer.load(args.work / "tok")
     rows = []
     for kind in args.contestants.split(","):
-        label = kind if kind == "transformers" else (args.label or f"velocis {args.velocis_args}".strip())
+        label = (kind + (f" b{args.transformers_batch}" if args.transformers_batch != BATCH else "")
+                 if kind == "transformers" else (args.label or f"velocis {args.velocis_args}".strip()))
         out = args.work / "runs" / label.replace(" ", "_").replace("/", "_")
         if kind == "transformers":
-            info = train_transformers(data_dir, out, args.minutes, args.threads, args.seed, args.steps)
+            info = train_transformers(data_dir, out, args.minutes, args.threads, args.seed, args.steps,
+                                      args.transformers_batch)
         else:
             info = train_velocis(data_dir, out, args.minutes, args.threads, args.seed, shlex.split(args.velocis_args),
                                  args.steps)
@@ -184,7 +188,7 @@ def main() -> None:
         with open(args.work / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    base = next((r for r in rows if r["label"] == "transformers"), None)
+    base = next((r for r in rows if r["label"].startswith("transformers")), None)
     print(f"\n{'contestant':<34} {'steps':>6} {'tokens/s':>9} {'bpb zh':>8} {'bpb en':>8} {'zh vs tf':>9} {'en vs tf':>9}")
     for r in rows:
         rel = ("", "") if base is None else (f"{r['bpb_zh'] / base['bpb_zh'] - 1:+.1%}",

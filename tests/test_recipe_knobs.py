@@ -42,3 +42,29 @@ def test_relu2_feed_forward_is_down_of_squared_relu_and_refused_by_hf_export(tmp
     assert count_params(cfg)["total"] == swiglu  # 1.5x the width, the same parameters
     with pytest.raises(VelocisError):
         export_hf(model, None, tmp_path / "hf")
+
+
+def test_train_commands_start_from_the_measured_recipe_and_keep_adamw_under_fsdp():
+    """train / train-custom take the preset's recipe (Muon + WSD) for what the user leaves out;
+    FSDP (which shards matrices by rows) gets AdamW; the user's flags win."""
+    from velocis.cli import build_parser
+    from velocis.commands.train import train_config_for
+    from velocis.train.config import PRESET_RECIPES
+
+    parser = build_parser()
+    model_config = get_preset("micro")
+
+    def cfg(*argv):
+        return train_config_for(parser.parse_args(list(argv)), "out", "data", model_config)
+
+    default = cfg("train-custom")
+    assert (default.optimizer, default.schedule, default.lr, default.batch_size) == (
+        "muon", "wsd", PRESET_RECIPES["custom"]["lr"], PRESET_RECIPES["custom"]["batch_size"])
+    assert cfg("train-micro").optimizer == "muon"
+    assert cfg("train-custom", "--preset", "small").lr == PRESET_RECIPES["small"]["lr"]
+    assert cfg("train-custom", "--parallel", "fsdp").optimizer == "adamw"
+    given = cfg("train-custom", "--optimizer", "adamw", "--schedule", "cosine", "--lr", "1e-3")
+    assert (given.optimizer, given.schedule, given.lr) == ("adamw", "cosine", 1e-3)
+    from velocis.train.config import TrainConfig
+
+    assert TrainConfig().optimizer == "adamw"  # fine-tuning (sft, dpo, rl) keeps AdamW

@@ -24,15 +24,16 @@ from pathlib import Path
 from velocis.config import ModelConfig, get_preset
 from velocis.errors import VelocisError
 from velocis.models.registry import MIXERS
-from velocis.train.config import TrainConfig
+from velocis.train.config import TrainConfig, recipe_for
 from velocis.utils.cli_fields import add_dataclass_arguments, dataclass_args
 
-# Per-preset defaults for what the user does not say: tokenizer size, batch, peak lr, steps.
-DEFAULTS = {
-    "micro": dict(vocab_size=8192, batch_size=16, seq_len=256, lr=2e-3, max_steps=2000),
-    "small": dict(vocab_size=32000, batch_size=16, seq_len=1024, lr=1e-3, max_steps=10000),
-    "custom": dict(vocab_size=8192, batch_size=16, seq_len=256, lr=2e-3, max_steps=1000),
-}
+# Per-preset defaults of the data side for what the user does not say (the training recipe: train/config.py)
+VOCAB_SIZES = {"micro": 8192, "small": 32000, "custom": 8192}
+
+
+def _defaults_key(args, preset: str) -> str:
+    """Whose defaults a run takes: its preset's, else custom's (train-custom) or micro's."""
+    return preset if preset in VOCAB_SIZES else ("custom" if args.custom else "micro")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="raw text: encoding of the .txt/.jsonl input, e.g. gb18030 (default utf-8)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="run directory (default runs/<preset>)")
-    add_dataclass_arguments(g, TrainConfig)
+    add_dataclass_arguments(g, TrainConfig, shown_defaults={k: "fits the preset" for k in (
+        "batch_size", "seq_len", "lr", "optimizer", "schedule")})
     g.add_argument("--resume", nargs="?", const="auto", metavar="DIR",
                    help="continue from the newest checkpoint of --output-dir (or of DIR)")
     g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a run")
@@ -139,9 +141,10 @@ def model_config_for(args, tokenizer) -> ModelConfig:
 def train_config_for(args, output_dir: Path, data_dir: Path, model_config: ModelConfig) -> TrainConfig:
     """The preset's defaults under the flags the user gave."""
     preset = args.fixed_preset or args.preset
-    d = DEFAULTS.get(preset, DEFAULTS["custom"] if args.custom else DEFAULTS["micro"])
+    d = recipe_for(_defaults_key(args, preset), getattr(args, "parallel", None) or "ddp")
     given = dataclass_args(args, TrainConfig)
-    kwargs = {"batch_size": d["batch_size"], "lr": d["lr"], "seq_len": min(d["seq_len"], model_config.max_seq_len)}
+    kwargs = {k: d[k] for k in ("batch_size", "lr", "optimizer", "schedule")}
+    kwargs["seq_len"] = min(d["seq_len"], model_config.max_seq_len)
     if given.get("max_steps") is None and given.get("time_budget") is None:
         kwargs["max_steps"] = d["max_steps"]
     return TrainConfig(output_dir=str(output_dir), data_dir=str(data_dir), **{**kwargs, **given})
@@ -174,7 +177,7 @@ def _run(args, preset: str, output_dir: Path) -> int:
     from velocis.train import distributed, train
     from velocis.train.prepare import prepare_run_data
 
-    d = DEFAULTS.get(preset, DEFAULTS["custom"] if args.custom else DEFAULTS["micro"])
+    vocab_size = VOCAB_SIZES[_defaults_key(args, preset)]
     if args.data and (args.chinese_path or args.english_path):
         raise VelocisError("pass either --data DIR or --chinese-path/--english-path, not both")
     if args.data:
@@ -186,7 +189,7 @@ def _run(args, preset: str, output_dir: Path) -> int:
             warnings.simplefilter("always", UserWarning)
             # several processes: rank 0 prepares, the others then find it prepared
             data_dir = distributed.main_first(lambda: prepare_run_data(
-                output_dir, args.chinese_path, args.english_path, vocab_size=args.vocab_size or d["vocab_size"],
+                output_dir, args.chinese_path, args.english_path, vocab_size=args.vocab_size or vocab_size,
                 tokenizer_dir=args.tokenizer, on_invalid_utf8=args.on_invalid_utf8, encoding=args.encoding,
                 progress=distributed.is_main()))
         for w in caught if distributed.is_main() else ():

@@ -17,6 +17,27 @@ def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+# The training recipe per model size, for what a caller does not set: chosen by measurement
+# (benchmarks/bench_quality.py against transformers at equal wall-clock; the ablation table in
+# benchmarks/RESULTS.md). `velocis train / train-custom / train-cluster` start from these; from Python,
+# TrainConfig(**recipe_for("micro"), output_dir=..., data_dir=...).
+RECIPE = dict(optimizer="muon", schedule="wsd")
+PRESET_RECIPES: dict[str, dict] = {
+    "micro": dict(batch_size=16, seq_len=256, lr=2e-3, max_steps=2000, **RECIPE),
+    "small": dict(batch_size=16, seq_len=1024, lr=1e-3, max_steps=10000, **RECIPE),
+    "custom": dict(batch_size=16, seq_len=256, lr=2e-3, max_steps=1000, **RECIPE),
+}
+
+
+def recipe_for(preset: str | None, parallel: str = "ddp") -> dict:
+    """The preset's recipe (a shape of no known preset gets "custom"'s). Under FSDP the optimizer is
+    AdamW: Muon orthogonalises whole matrices and FSDP shards them by rows."""
+    recipe = dict(PRESET_RECIPES.get(preset or "custom", PRESET_RECIPES["custom"]))
+    if parallel == "fsdp":
+        recipe["optimizer"] = "adamw"
+    return recipe
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/run", "run directory", cli=False)

@@ -32,7 +32,8 @@ def flag_for(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def add_dataclass_arguments(parser, cls, skip=()) -> None:
+def add_dataclass_arguments(parser, cls, skip=(), shown_defaults: dict[str, str] | None = None) -> None:
+    """shown_defaults: field -> what the help gives as its default, where the caller layers its own."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False:
@@ -44,8 +45,9 @@ def add_dataclass_arguments(parser, cls, skip=()) -> None:
             parser.add_argument(flag_for(f), dest=f.name, default=None,
                                 action="store_false" if f.default is True else "store_true", help=help_)
             continue
-        if f.default is not dataclasses.MISSING and f.default is not None and "%(default)" not in help_:
-            help_ = f"{help_} (default {f.default})".strip() if help_ else f"default {f.default}"
+        default = (shown_defaults or {}).get(f.name, f.default)
+        if default is not dataclasses.MISSING and default is not None and "%(default)" not in help_:
+            help_ = f"{help_} (default {default})".strip() if help_ else f"default {default}"
         parser.add_argument(flag_for(f), dest=f.name, type=typ, default=None, choices=meta.get("choices"),
                             metavar=meta.get("metavar"), help=help_.replace("%", "%%"))
 
