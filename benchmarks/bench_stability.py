@@ -2,9 +2,10 @@
 
 For every (preset, seed): `velocis train --preset P --data D --max-steps N --seed S --log-every 1`
 with no recipe flags (the preset's own optimizer, lr and schedule), then every logged training loss
-after warmup is compared with the running mean of the `--window` losses before it; a loss above
-`--spike` (1.5) times that mean is a spike. Prints one row per run (steps, first/last loss, the
-largest loss / running-mean ratio after warmup, spikes) and exits 1 if any run spiked or diverged
+after warmup (its steps, or 10% of the run if less: the schedule's cap) is compared with the running
+mean of the `--window` losses before it; a loss above `--spike` (1.5) times that mean is a spike.
+Prints one row per run (steps, first/last loss, the largest loss / running-mean ratio after warmup,
+spikes) and exits 1 if any run spiked or diverged
 (a non-finite loss).
 
     python benchmarks/bench_stability.py --data DIR [--presets micro,small] [--seeds 1,2,3]
@@ -50,7 +51,8 @@ def train(preset: str, seed: int, args, extra: list[str]) -> dict:
         if (out / "metrics.jsonl").is_file() else []
     config = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").is_file() else {}
     losses = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    warmup = config.get("warmup_steps", 50)
+    # the schedule ramps over warmup_steps but never over more than 10% of the run (train/schedule.py)
+    warmup = min(config.get("warmup_steps", 50), math.ceil(0.1 * args.steps))
     worst, hits = spikes(losses, warmup, args.window, args.spike)
     finite = run.returncode == 0 and losses and all(math.isfinite(x) for _, x in losses)
     return {"preset": preset, "seed": seed, "steps": len(losses), "first_loss": losses[0][1] if losses else None,
