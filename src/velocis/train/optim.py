@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from velocis.train.muon import MuonAdamW
-from velocis.utils.device import hardware_bf16
+from velocis.utils.device import resolve_precision
 
 # 2-D weights that are not hidden matrices: token tables and heads (their rows are looked up or
 # scored one by one), routers (a few rows whose scale is their meaning), low-rank adapters.
@@ -54,10 +54,12 @@ def build_optimizer(params: Iterable[nn.Parameter] | Iterable[tuple[str, nn.Para
     group([p for _, p in named if p.dim() >= 2], weight_decay=cfg.weight_decay)
     group([p for _, p in named if p.dim() < 2], weight_decay=0.0)
     if muon:
-        # Newton–Schulz in bf16 where the hardware multiplies bf16 (GPUs, AVX512-BF16 / AMX CPUs: ~4x faster
-        # than fp32 there, and the iteration tolerates it, as torch.optim.Muon's bf16 does); else fp32
+        # Newton–Schulz in bf16 when training in bf16 (which "auto" picks where the hardware multiplies bf16:
+        # GPUs, AVX512-BF16 / AMX CPUs, ~4x faster than fp32 there; the iteration tolerates it, as
+        # torch.optim.Muon's bf16 does); an fp32 run stays fp32 throughout (and reproducible across layouts)
+        bf16 = resolve_precision(getattr(cfg, "precision", "auto"), device) == "bf16"
         return MuonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum,
-                         ns_dtype=torch.bfloat16 if hardware_bf16(device) else torch.float32)
+                         ns_dtype=torch.bfloat16 if bf16 else torch.float32)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     # The fused kernel does the whole update in one pass per tensor (CUDA and CPU).
     if device.type in ("cuda", "cpu"):
