@@ -61,3 +61,22 @@ def test_declines_what_it_does_not_take():
     assert not attention_cpu.supports(q.double(), q.double(), q.double())
     assert not attention_cpu.supports(q, q[..., :8], q[..., :8])  # MLA-style: v/k head dims differ from q
     assert not attention_cpu.supports(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16))  # 3 kv heads for 2
+
+
+@pytest.mark.parametrize("R,H,KV,S,D", [(5, 6, 2, 40, 16), (3, 4, 4, 17, 64), (1, 2, 1, 1, 8)])
+def test_decode_attention_matches_masked_sdpa(R, H, KV, S, D):
+    """The engine's batched decodes: one query per row over its first lens[r] slots of a padded
+    working copy (read through a strided view; the slots past a row's length hold garbage)."""
+    torch.manual_seed(0)
+    q = torch.randn(R, H, D)
+    work_k, work_v = torch.randn(R + 2, KV, S + 5, D), torch.randn(R + 2, KV, S + 5, D)
+    k, v = work_k[:R, :, :S], work_v[:R, :, :S]
+    lens = torch.randint(1, S + 1, (R,))
+    lens[0] = S
+    filled = torch.arange(S) < lens[:, None]
+    mask = torch.zeros(R, S).masked_fill_(~filled, float("-inf"))[:, None, None]
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=0.3, enable_gqa=H != KV)[:, :, 0]
+    assert attention_cpu.decode_supported(q, k, v)
+    torch.testing.assert_close(attention_cpu.decode_attention(q, k, v, lens, 0.3), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="lens"):
+        attention_cpu.decode_attention(q, k, v, torch.zeros(R, dtype=torch.long), 0.3)

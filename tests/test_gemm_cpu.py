@@ -91,3 +91,31 @@ def test_linear_module_is_an_nn_linear_with_the_same_state_dict():
     assert isinstance(ours, nn.Linear) and list(ours.state_dict()) == ["weight"]
     x = torch.randn(5, 70, 32)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_gemm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 63])  # the kernel's tiles of 4 tokens, then 2, then 1
+def test_few_rows_inference_matches_f_linear(dtype, rows):
+    """Decode-sized inference products take the decode kernels (fp32 accumulation); widths that are
+    not a multiple of the vector (100) and out features not a multiple of 4 (37) take the tails."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 100).to(dtype), (torch.randn(37, 100) * 0.1).to(dtype), torch.randn(37).to(dtype)
+    assert gemm.few_rows_ok(rows, x, w)
+    with torch.no_grad():
+        got = gemm.linear(x, w, b)
+    want = F.linear(x.float(), w.float(), b.float()).to(dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@needs_gemm
+def test_few_rows_path_only_for_inference():
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    assert gemm.few_rows_ok(4, x, w)
+    assert not gemm.few_rows_ok(4, x.requires_grad_(), w)  # training keeps F.linear's autograd
+    assert not gemm.few_rows_ok(64, x.detach(), w)  # the GEMM's rows
+    assert not gemm.few_rows_ok(4, x.detach().double(), w.double())
+    with torch.no_grad():
+        assert gemm.few_rows_ok(4, x, w)

@@ -49,7 +49,7 @@ def test_fresh_adapters_leave_the_output_unchanged_and_only_they_train():
     apply_lora(model, rank=4)
     names = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert len(names) == 2 * 7 and "layers.1.mixer.q_proj" in names and "layers.0.feed_forward.down_proj" in names
-    assert torch.equal(model(X), ref)  # B = 0
+    assert close(model(X), ref)  # B = 0 (to rounding: a frozen base may take the inference kernels)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
     model.train()
@@ -79,7 +79,7 @@ def test_merge_equals_the_adapted_model_and_disabled_equals_the_base():
     adapted = model(X).detach()
     assert (adapted - base_out).abs().max() > 1e-2
     with lora_disabled(model):
-        torch.testing.assert_close(model(X), base_out, atol=0, rtol=0)
+        assert close(model(X), base_out)
     twin = merged_model(model)  # for export: the trained model keeps its adapters
     assert has_lora(model) and not has_lora(twin)
     assert close(twin(X), adapted)
@@ -147,7 +147,7 @@ def test_mla_model_takes_the_default_targets_it_has():
     apply_lora(model, rank=2)  # no q_proj (q_a_proj / q_b_proj) and kv_b_proj is refused: the rest
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert names == {"o_proj", "gate_proj", "up_proj", "down_proj"}
-    torch.testing.assert_close(model(X), ref, atol=0, rtol=0)
+    assert close(model(X), ref)
     with pytest.raises(VelocisError, match="kv_b_proj"):
         apply_lora(tiny(mixer="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
                    rank=2, targets=["kv_b_proj"])

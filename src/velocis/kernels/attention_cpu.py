@@ -53,3 +53,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     are read in place); the output and the input gradients are [B, T, heads, D] in memory, so
     the output projection and the q/k/v projections' backward take them without a copy."""
     return _CausalAttention.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+
+
+def decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The decode kernel's inputs: fp32 CPU q [R, H, D], k/v [R, KV, S, D] with D contiguous."""
+    return (q.dim() == 3 and k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
+            and q.shape[2] == k.shape[3] and q.shape[1] % k.shape[1] == 0 and k.stride(-1) == 1
+            and v.stride(-1) == 1 and cpu_ops.usable(q, k, v))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row over its first lens[r] keys (inference; no gradient): q [R, H, D],
+    k/v [R, KV, S, D] -> [R, H, D]. Reference: SDPA with -inf past each row's length."""
+    return cpu_ops.ops().decode_attention(q, k, v, lens, float(scale))

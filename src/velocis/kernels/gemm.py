@@ -6,10 +6,16 @@ Reference (what the tests hold this to):
 
 At a small model's shapes (hidden 256-2000 against thousands of tokens) the C++ GEMM runs the
 forward x W^T, the input gradient dY W and the tokens-deep weight gradient dY^T X faster than MKL
-inside a training step (benchmarks/RESULTS.md, bench_gemm_cpu.py). Elsewhere (no AVX2/FMA build,
-autocast, torch.compile, a bias, a handful of rows as in decoding) this is F.linear.
+inside a training step (benchmarks/RESULTS.md, bench_gemm_cpu.py). Inference on fewer rows than
+that (the engine's batched decodes: one token per running sequence) goes through the decode
+kernels' few-rows product (csrc/decode_cpu.cpp: 4 weight rows x 4 tokens per register tile, the
+weights read once per call), for fp32, bf16 and fp16 weights: MKL's sgemm runs those shapes at a
+fraction of the FMA rate (16 rows of the 125M model: 61 ms a step against 37). Elsewhere (no
+AVX2/FMA build, autocast, torch.compile, a bias in training) this is F.linear.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +65,33 @@ class _LinearCPU(torch.autograd.Function):
         return dx, dw
 
 
+FLOAT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/decode_cpu.cpp's weight kinds
+_EMPTY = torch.empty(0)
+
+
+def few_rows_ok(rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Does an inference product with `rows` rows take the decode kernels' few-rows path?"""
+    return (0 < rows < MIN_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype
+            and weight.dtype in FLOAT_KINDS and weight.dim() == 2 and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and os.environ.get("VELOCIS_DECODE_KERNEL", "1") != "0" and cpu_ops.available() and _supported())
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) for a few rows through the decode kernels (fp32 accumulation, output in x's dtype)."""
+    rows, (out, cols) = x.numel() // x.shape[-1], weight.shape
+    y = cpu_ops.ops().matvec(x.reshape(rows, cols).float(), FLOAT_KINDS[weight.dtype], weight, _EMPTY, _EMPTY,
+                             out, cols, 0, False)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).view(*x.shape[:-1], out)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), with the C++ GEMM on CPU fp32 where it is faster."""
+    if x.dim() >= 1 and x.shape[-1] and few_rows_ok(x.numel() // x.shape[-1], x, weight):
+        return few_rows_linear(x, weight, bias)
     if (bias is None and x.dim() >= 2 and not torch.is_autocast_enabled(x.device.type)
             and fast_ok(x.numel() // max(1, x.shape[-1]), x, weight)):
         return _LinearCPU.apply(x, weight)

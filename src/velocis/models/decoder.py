@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from velocis.errors import VelocisError
+from velocis.kernels.gemm import Linear
 from velocis.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from velocis.models.block import Block
 from velocis.models.cache import Cache
@@ -43,7 +44,7 @@ class VelocisModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_dim, config.vocab_size, bias=False)
         # multi-token prediction modules (DeepSeek-V3): a training objective, and drafts for decoding
         self.mtp = MTP(config) if config.mtp_depth > 0 else None
         self.tie_weights()

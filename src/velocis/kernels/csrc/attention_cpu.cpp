@@ -188,15 +188,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
   return {dq, dk, dv};
 }
 
+// One query token per row against that row's first lens[r] keys (the inference engine's batched
+// decodes over its working copy): q [R, H, D] contiguous, k/v [R, KV, S, D] with D contiguous and
+// any other strides, lens [R] -> [R, H, D]. Reference: SDPA with -inf past each row's length. Each
+// task is one (row, kv head): every key and value row is read once for the G query heads that
+// share it, and nothing past the row's length is touched (SDPA over the padded copy reads it all).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0,
+              "decode_attention: q [R, H, D], k/v [R, KV, S, D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: fp32, D contiguous");
+  const at::Tensor qc = q.contiguous(), lc = lens.to(at::kLong).contiguous();
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2), G = H / KV;
+  const int64_t* len = lc.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(len[r] >= 1 && len[r] <= S, "decode_attention: lens in [1, S]");
+  at::Tensor out = at::empty({R, H, D}, q.options());
+  const float *Q = qc.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, R * KV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / KV, h = task % KV, n = len[r];
+      const float* kr = K + r * k.stride(0) + h * k.stride(1);
+      const float* vr = V + r * v.stride(0) + h * v.stride(1);
+      const float* qg = Q + (r * H + h * G) * D;
+      float* og = O + (r * H + h * G) * D;
+      p.assign(G * n, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* kj = kr + j * k.stride(2);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qh = qg + g * D;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < D; ++i) s += qh[i] * kj[i];
+          p[g * n + j] = s * sc;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* pg = &p[g * n];
+        const float mx = *std::max_element(pg, pg + n);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (pg[j] = std::exp(pg[j] - mx));
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; ++j) pg[j] *= inv;
+        std::fill(og + g * D, og + (g + 1) * D, 0.f);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vj = vr + j * v.stride(2);
+        for (int64_t g = 0; g < G; ++g) {
+          float* oh = og + g * D;
+          const float pj = p[g * n + j];
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) oh[i] += pj * vj[i];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(velocis_cpu, m) {
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("causal_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor dout, float scale)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(velocis_cpu, CPU, m) {
   m.impl("causal_attention_fwd", causal_attention_fwd);
   m.impl("causal_attention_bwd", causal_attention_bwd);
+  m.impl("decode_attention", decode_attention);
 }

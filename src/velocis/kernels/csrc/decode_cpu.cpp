@@ -128,13 +128,98 @@ inline __m256 dot32_u4(__m256i u, __m256i x) { return _mm256_cvtepi32_ps(dot_u8s
 // ---- one matrix, rows [r0, r1), against T activation rows: out[t * ostride + r] -----------------
 
 #ifdef VELOCIS_AVX2
-// bf16 -> fp32 is a 16-bit shift: interleaving zeros below 16 weights gives two fp32 vectors, of
-// columns {0-3, 8-11} and {4-7, 12-15} (unpack works within 128-bit lanes); the activations are
-// permuted the same way once per 16 columns and shared by the 4 rows.
-inline void bf16_fma16(const uint16_t* w, __m256 xlo, __m256 xhi, __m256& acc) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), z = _mm256_setzero_si256();
-  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)), xlo, acc);
-  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)), xhi, acc);
+// 4 weight rows x TT tokens of accumulators per register tile, so each weight vector is loaded (and
+// widened) once for TT tokens: with several activation rows (a batch of decodes, a prefill chunk)
+// a vector per multiply-add would make the loop load-bound at half the FMA rate.
+#ifdef __AVX512F__
+constexpr int TOKENS_PER_TILE = 4;  // 32 vector registers: 16 accumulators, 4 weights, an activation
+#else
+constexpr int TOKENS_PER_TILE = 2;  // 16: 8 accumulators, 4 weights, 2 activations
+#endif
+
+// One vector of weights or activations as fp32: 16 lanes with AVX512, else 8.
+#ifdef __AVX512F__
+using VecF = __m512;
+constexpr int64_t LANES = 16;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+template <int64_t KIND> inline VecF vload_w(const float* p) { return _mm512_loadu_ps(p); }
+template <int64_t KIND> inline VecF vload_w(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (KIND == F16) return _mm512_cvtph_ps(h);
+  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(VecF v) { return _mm512_reduce_add_ps(v); }
+#else
+using VecF = __m256;
+constexpr int64_t LANES = 8;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+template <int64_t KIND> inline VecF vload_w(const float* p) { return _mm256_loadu_ps(p); }
+template <int64_t KIND> inline VecF vload_w(const uint16_t* p) { return load8(p, KIND); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(VecF v) { return hsum(v); }
+#endif
+
+// GCC re-loads a vector from memory at every use rather than keep it in a register (a load is
+// "cheap"), which makes this loop load-bound: an empty asm that claims to change them pins them.
+inline void keep_in_register(VecF& a, VecF& b, VecF& c, VecF& d) {
+#ifdef __AVX512F__
+  asm("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d));
+#else
+  asm("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d));
+#endif
+}
+
+template <int64_t KIND, typename W, int TT>
+void tile4(const W* const w[4], const float* x, int64_t xstride, int64_t C, float* out, int64_t ostride,
+           const W* next) {
+  VecF acc[4][TT];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) acc[i][t] = vzero();
+  int64_t c = 0;
+  for (; c + LANES <= C; c += LANES) {
+    VecF w0 = vload_w<KIND>(w[0] + c), w1 = vload_w<KIND>(w[1] + c), w2 = vload_w<KIND>(w[2] + c),
+         w3 = vload_w<KIND>(w[3] + c);
+    keep_in_register(w0, w1, w2, w3);
+    if (next) {  // the next 4 rows (contiguous after these) on their way to L2 while we compute (to L1,
+                 // the activations streaming through it would evict them before use)
+      const char* n = reinterpret_cast<const char*>(next + 4 * c);
+      for (int i = 0; i < 4; ++i) _mm_prefetch(n + i * 64, _MM_HINT_T1);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < TT; ++t) {
+      const VecF xv = vload(x + t * xstride + c);
+      acc[0][t] = vfma(w0, xv, acc[0][t]);
+      acc[1][t] = vfma(w1, xv, acc[1][t]);
+      acc[2][t] = vfma(w2, xv, acc[2][t]);
+      acc[3][t] = vfma(w3, xv, acc[3][t]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int i = 0; i < 4; ++i) {
+      float s = vsum(acc[i][t]);
+      for (int64_t k = c; k < C; ++k) s += widen(w[i][k], KIND) * x[t * xstride + k];
+      out[t * ostride + i] = s;
+    }
+}
+
+// All T tokens against 4 weight rows: tiles of TOKENS_PER_TILE, the rest in tiles of 2 and 1.
+// `next` (the following 4 rows, or null) is prefetched during the first tile.
+template <int64_t KIND, typename W>
+void tiles4(const W* const w[4], int64_t T, const float* x, int64_t xstride, int64_t C, float* out,
+            int64_t ostride, const W* next) {
+  constexpr int TT = TOKENS_PER_TILE;
+  int64_t t = 0;
+  for (; t + TT <= T; t += TT, next = nullptr) tile4<KIND, W, TT>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, next);
+  if (TT > 2 && t + 2 <= T) {
+    tile4<KIND, W, 2>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, next);
+    t += 2, next = nullptr;
+  }
+  if (t < T) tile4<KIND, W, 1>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, next);
 }
 #endif
 
@@ -147,32 +232,10 @@ void rows_float(const Mat& m, int64_t T, const float* x, int64_t xstride, float*
 #ifdef VELOCIS_AVX2
   for (; r + 4 <= r1; r += 4) {
     const W* w[4] = {base + r * C, base + (r + 1) * C, base + (r + 2) * C, base + (r + 3) * C};
-    for (int64_t t = 0; t < T; ++t) {  // the 4 rows stay in L1 across the T activations
-      const float* xt = x + t * xstride;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t c = 0;
-      if (m.kind == BF16) {
-        for (; c + 16 <= C; c += 16) {
-          const __m256 v0 = _mm256_loadu_ps(xt + c), v1 = _mm256_loadu_ps(xt + c + 8);
-          const __m256 xlo = _mm256_permute2f128_ps(v0, v1, 0x20), xhi = _mm256_permute2f128_ps(v0, v1, 0x31);
-          bf16_fma16(reinterpret_cast<const uint16_t*>(w[0] + c), xlo, xhi, a0);
-          bf16_fma16(reinterpret_cast<const uint16_t*>(w[1] + c), xlo, xhi, a1);
-          bf16_fma16(reinterpret_cast<const uint16_t*>(w[2] + c), xlo, xhi, a2);
-          bf16_fma16(reinterpret_cast<const uint16_t*>(w[3] + c), xlo, xhi, a3);
-        }
-      }
-      for (; c + 8 <= C; c += 8) {
-        const __m256 xv = _mm256_loadu_ps(xt + c);
-        a0 = _mm256_fmadd_ps(load8(w[0] + c, m.kind), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w[1] + c, m.kind), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w[2] + c, m.kind), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w[3] + c, m.kind), xv, a3);
-      }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (; c < C; ++c)
-        for (int i = 0; i < 4; ++i) s[i] += widen(w[i][c], m.kind) * xt[c];
-      for (int i = 0; i < 4; ++i) out[t * ostride + r + i] = s[i];
-    }
+    const W* next = r + 8 <= m.rows ? w[3] + C : nullptr;
+    if constexpr (std::is_same_v<W, float>) tiles4<F32, W>(w, T, x, xstride, C, out + r, ostride, next);
+    else if (m.kind == F16) tiles4<F16, W>(w, T, x, xstride, C, out + r, ostride, next);
+    else tiles4<BF16, W>(w, T, x, xstride, C, out + r, ostride, next);
   }
 #endif
   for (; r < r1; ++r) {
