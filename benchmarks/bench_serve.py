@@ -19,7 +19,7 @@ Peers (--peers, a comma list; default: velocis alone). Every peer gets the same 
 list and the same client load, one after another: each server is stopped (SIGINT, then SIGKILL of its
 process group after 60 s) before the next starts, so no two share the cores. The model is built once in
 float32; the peers' copies are exported from it with Velocis' own exporters:
-  velocis         `velocis serve` on the Velocis directory (--dtype bfloat16: a bfloat16 copy of it).
+  velocis         `velocis serve --dtype D` on the Velocis directory (--dtype bfloat16: a bfloat16 copy of it).
   vllm            vLLM's CPU build: `python -m vllm.entrypoints.openai.api_server` on the `velocis export
                   --format hf --dtype D` directory, --max-model-len = the model's context (1024), --dtype D,
                   --max-num-seqs as ours, with VLLM_CPU_OMP_THREADS_BIND=0-(cores-1), VLLM_CPU_KVCACHE_SPACE=4.
@@ -299,7 +299,7 @@ def server_command(peer: str, variant: str | None, args, files: dict, port: int,
     if peer == "velocis":
         return ([sys.executable, "-m", "velocis", "serve", "--model", str(files["velocis"]), "--port", str(port),
                  "--max-num-seqs", str(batch), "--kv-cache-memory", args.kv_cache_memory,
-                 "--device", args.device, "--log-level", "warning"], {}, "/health")
+                 "--device", args.device, "--dtype", args.dtype, "--log-level", "warning"], {}, "/health")
     if peer == "vllm":
         return ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(files["hf"]),
                  "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),

@@ -80,3 +80,10 @@ def test_decode_attention_matches_masked_sdpa(R, H, KV, S, D):
     torch.testing.assert_close(attention_cpu.decode_attention(q, k, v, lens, 0.3), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="lens"):
         attention_cpu.decode_attention(q, k, v, torch.zeros(R, dtype=torch.long), 0.3)
+    for dtype in (torch.bfloat16, torch.float16):  # a 16-bit model's cache: read as stored, computed in fp32
+        q16, k16, v16 = q.to(dtype), k.to(dtype), v.to(dtype)
+        want16 = F.scaled_dot_product_attention(q16.float()[:, :, None], k16.float(), v16.float(), attn_mask=mask,
+                                                scale=0.3, enable_gqa=H != KV)[:, :, 0]
+        got16 = attention_cpu.decode_attention(q16, k16, v16, lens, 0.3)
+        assert got16.dtype == dtype
+        torch.testing.assert_close(got16.float(), want16.to(dtype).float(), rtol=1e-2, atol=1e-2)

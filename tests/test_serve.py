@@ -21,6 +21,7 @@ import torch
 
 import velocis
 from velocis.config import ModelConfig
+from velocis.errors import VelocisError
 from velocis.infer.engine import Engine
 from velocis.infer.sampling import SamplingParams
 from velocis.model_io import save_model
@@ -380,3 +381,17 @@ def test_velocis_serve_exits_cleanly_on_a_signal(model_dir, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_served_dtype_is_the_one_asked_for(model_dir):
+    """--dtype: a bf16 server computes in bf16 (load's default on a CPU is fp32); a bad name is one line."""
+    assert ServedModel.load(model_dir, device="cpu").model.dtype == torch.float32
+    bf16 = ServedModel.load(model_dir, device="cpu", dtype="bfloat16")
+    assert bf16.model.dtype == torch.bfloat16
+    from velocis.serve.server import build_engine
+
+    out = build_engine(bf16, max_num_seqs=2, kv_cache_memory=2**24).generate(
+        ["hello world", "the"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert [len(o["token_ids"]) for o in out] == [4, 4]
+    with pytest.raises(VelocisError, match="dtype"):
+        ServedModel.load(model_dir, device="cpu", dtype="int8")

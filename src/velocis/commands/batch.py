@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-memory", default="0.25", metavar="BYTES_OR_FRACTION",
                    help="KV-cache budget: a fraction of free memory (0.25) or bytes (2000000000, 2GB, 512MiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="precision to compute in (default auto: fp32 on a CPU, bf16 on a GPU that has it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     p.set_defaults(func=run)
 
@@ -33,7 +35,7 @@ def run(args) -> int:
     memory = parse_memory(args.kv_cache_memory)
     if not Path(args.input).is_file():
         raise VelocisError(f"--input {args.input}: no such file")
-    served = ServedModel.load(args.model, device=args.device)
+    served = ServedModel.load(args.model, device=args.device, dtype=args.dtype)
     engine_loop = EngineLoop(build_engine(served, args.max_num_seqs, memory)).start()
     show = sys.stderr.isatty() and not args.no_progress
 

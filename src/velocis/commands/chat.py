@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="0 or -1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="precision to compute in (default auto: fp32 on a CPU, bf16 on a GPU that has it)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +45,7 @@ def run(args) -> int:
 
     base = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                           max_tokens=args.max_tokens)  # every flag checked before the slow load
-    served = ServedModel.load(args.model, device=args.device)
+    served = ServedModel.load(args.model, device=args.device, dtype=args.dtype)
     if served.chat is None:
         raise VelocisError(f"{args.model}: this model has no chat template (tokenizer_config.json \"chat_template\") "
                            "and its tokenizer no role tokens; use `velocis generate`")

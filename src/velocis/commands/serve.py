@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-memory", default="0.25", metavar="BYTES_OR_FRACTION",
                    help="KV-cache budget: a fraction of free memory (0.25) or bytes (2000000000, 2GB, 512MiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="precision to compute in (default auto: fp32 on a CPU, bf16 on a GPU that has it)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on Ctrl-C / SIGTERM, seconds to let running requests finish before aborting them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -32,7 +34,7 @@ def run(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise VelocisError("--api-key is empty")
     check_bind(args.host, args.port)
-    served = ServedModel.load(args.model, device=args.device, name=args.served_model_name)
+    served = ServedModel.load(args.model, device=args.device, name=args.served_model_name, dtype=args.dtype)
     app = build_app(served, api_key=args.api_key, max_num_seqs=args.max_num_seqs, kv_cache_memory=memory)
     engine = app.state.engine_loop.engine
     print(f"velocis serve: {served.name} on http://{args.host}:{args.port}/v1 ({served.model.device.type}, "

@@ -56,13 +56,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The decode kernel's inputs: fp32 CPU q [R, H, D], k/v [R, KV, S, D] with D contiguous."""
+    """The decode kernel's inputs: CPU q [R, H, D], k/v [R, KV, S, D] of one dtype (fp32, bf16 or
+    fp16: the model's own) with D contiguous."""
     return (q.dim() == 3 and k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
             and q.shape[2] == k.shape[3] and q.shape[1] % k.shape[1] == 0 and k.stride(-1) == 1
-            and v.stride(-1) == 1 and cpu_ops.usable(q, k, v))
+            and v.stride(-1) == 1 and q.dtype == k.dtype == v.dtype and k.dtype in _DECODE_DTYPES
+            and q.device.type == k.device.type == v.device.type == "cpu"
+            and not torch.compiler.is_compiling() and cpu_ops.available())
+
+
+_DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per row over its first lens[r] keys (inference; no gradient): q [R, H, D],
-    k/v [R, KV, S, D] -> [R, H, D]. Reference: SDPA with -inf past each row's length."""
-    return cpu_ops.ops().decode_attention(q, k, v, lens, float(scale))
+    k/v [R, KV, S, D] -> [R, H, D] in q's dtype, computed in fp32 (keys and values widened as read).
+    Reference: SDPA with -inf past each row's length."""
+    return cpu_ops.ops().decode_attention(q.float(), k, v, lens, float(scale)).to(q.dtype)

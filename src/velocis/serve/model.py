@@ -25,6 +25,9 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+DTYPES = {None: None, "auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
 @dataclass
 class ServedModel:
     model: object
@@ -34,10 +37,17 @@ class ServedModel:
     stop_token_ids: list[int] = field(default_factory=list)  # generation_config.json's other EOS ids
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", name: str | None = None) -> "ServedModel":
+    def load(cls, path: str | Path, device: str = "auto", name: str | None = None,
+             dtype: str | None = None) -> "ServedModel":
+        """dtype: "float32" | "bfloat16" | "float16", or None / "auto" for load's default (fp32 on a
+        CPU, bf16 on a GPU that has it): the precision the engine computes in."""
+        import torch
+
         import velocis
 
-        model, tokenizer = velocis.load(path, device=device)
+        if dtype not in DTYPES:
+            raise VelocisError(f"dtype {dtype!r} must be one of {', '.join(d for d in DTYPES if d)}")
+        model, tokenizer = velocis.load(path, device=device, dtype=DTYPES[dtype] and getattr(torch, DTYPES[dtype]))
         if tokenizer is None:
             raise VelocisError(f"{path}: no tokenizer (tokenizer.json); the server needs one to read text")
         path = Path(path)

@@ -188,42 +188,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
   return {dq, dk, dv};
 }
 
+// bf16 / fp16 key and value slots widened to fp32 as they are read
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+
 // One query token per row against that row's first lens[r] keys (the inference engine's batched
-// decodes over its working copy): q [R, H, D] contiguous, k/v [R, KV, S, D] with D contiguous and
-// any other strides, lens [R] -> [R, H, D]. Reference: SDPA with -inf past each row's length. Each
-// task is one (row, kv head): every key and value row is read once for the G query heads that
-// share it, and nothing past the row's length is touched (SDPA over the padded copy reads it all).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
-                            double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
-                  q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0,
-              "decode_attention: q [R, H, D], k/v [R, KV, S, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
-                  k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: fp32, D contiguous");
-  const at::Tensor qc = q.contiguous(), lc = lens.to(at::kLong).contiguous();
-  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2), G = H / KV;
-  const int64_t* len = lc.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(len[r] >= 1 && len[r] <= S, "decode_attention: lens in [1, S]");
-  at::Tensor out = at::empty({R, H, D}, q.options());
-  const float *Q = qc.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+// decodes over its working copy): q [R, H, D] fp32, k/v [R, KV, S, D] (fp32, bf16 or fp16, read as
+// stored) with D contiguous and any other strides, lens [R] -> [R, H, D] fp32. Reference: SDPA with
+// -inf past each row's length. Each task is one (row, kv head): every key and value row is read once
+// for the G query heads that share it, and nothing past the row's length is touched (SDPA over the
+// padded copy reads it all).
+template <typename T>
+void decode_attention_impl(const float* Q, const T* K, const T* V, const int64_t* len, float* O, int64_t R,
+                           int64_t H, int64_t KV, int64_t D, const int64_t* ks, const int64_t* vs, float sc) {
+  const int64_t G = H / KV;
   at::parallel_for(0, R * KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p;
+    std::vector<float> p, kf(D), vf(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / KV, h = task % KV, n = len[r];
-      const float* kr = K + r * k.stride(0) + h * k.stride(1);
-      const float* vr = V + r * v.stride(0) + h * v.stride(1);
+      const T* kr = K + r * ks[0] + h * ks[1];
+      const T* vr = V + r * vs[0] + h * vs[1];
       const float* qg = Q + (r * H + h * G) * D;
       float* og = O + (r * H + h * G) * D;
       p.assign(G * n, 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float* kj = kr + j * k.stride(2);
+        const T* kj = kr + j * ks[2];
+        for (int64_t i = 0; i < D; ++i) kf[i] = widen(kj[i]);
         for (int64_t g = 0; g < G; ++g) {
           const float* qh = qg + g * D;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < D; ++i) s += qh[i] * kj[i];
+          for (int64_t i = 0; i < D; ++i) s += qh[i] * kf[i];
           p[g * n + j] = s * sc;
         }
       }
@@ -237,16 +233,43 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         std::fill(og + g * D, og + (g + 1) * D, 0.f);
       }
       for (int64_t j = 0; j < n; ++j) {
-        const float* vj = vr + j * v.stride(2);
+        const T* vj = vr + j * vs[2];
+        for (int64_t i = 0; i < D; ++i) vf[i] = widen(vj[i]);
         for (int64_t g = 0; g < G; ++g) {
           float* oh = og + g * D;
           const float pj = p[g * n + j];
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) oh[i] += pj * vj[i];
+          for (int64_t i = 0; i < D; ++i) oh[i] += pj * vf[i];
         }
       }
     }
   });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0,
+              "decode_attention: q [R, H, D], k/v [R, KV, S, D]");
+  const auto kt = k.scalar_type();
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == kt &&
+                  (kt == at::kFloat || kt == at::kBFloat16 || kt == at::kHalf) && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: q fp32, k/v one of fp32/bf16/fp16, D contiguous");
+  const at::Tensor qc = q.contiguous(), lc = lens.to(at::kLong).contiguous();
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2);
+  const int64_t* len = lc.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(len[r] >= 1 && len[r] <= S, "decode_attention: lens in [1, S]");
+  at::Tensor out = at::empty({R, H, D}, q.options());
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  const float sc = static_cast<float>(scale);
+  const float* Q = qc.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  if (kt == at::kFloat)
+    decode_attention_impl(Q, k.data_ptr<float>(), v.data_ptr<float>(), len, O, R, H, KV, D, ks, vs, sc);
+  else if (kt == at::kBFloat16)
+    decode_attention_impl(Q, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), len, O, R, H, KV, D, ks, vs, sc);
+  else
+    decode_attention_impl(Q, k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(), len, O, R, H, KV, D, ks, vs, sc);
   return out;
 }
 
