@@ -119,3 +119,17 @@ def test_few_rows_path_only_for_inference():
     assert not gemm.few_rows_ok(4, x.detach().double(), w.double())
     with torch.no_grad():
         assert gemm.few_rows_ok(4, x, w)
+
+
+@needs_gemm
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_bf16_products_accumulate_exactly_in_fp32(rows):
+    """bf16 weights x bf16 activations (the AVX512-BF16 dot path where the CPU has it, else the
+    widening one): the products of bf16 values are exact in fp32, so the result is the fp32
+    product of the same values up to summation order; widths 100 and 37 take both tails."""
+    torch.manual_seed(1)
+    x, w = torch.randn(rows, 100).bfloat16(), torch.randn(37, 100).bfloat16()
+    got = cpu_ops.ops().matvec(x, gemm.BF16_ACTS, w, gemm._EMPTY, gemm._EMPTY, 37, 100, 0, False)
+    want = x.float() @ w.float().t()
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
