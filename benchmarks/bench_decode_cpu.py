@@ -128,7 +128,7 @@ def main() -> None:
           f"125M Llama shape, batch 1, {args.new_tokens} greedy tokens after 16, median of {args.rounds} rounds")
     if not has_llama:
         print("llama.cpp: not installed (pip install llama-cpp-python); its rows are missing")
-    ref = tokens["velocis fp32"]
+    ref = tokens.get("velocis fp32")  # None when --velocis leaves fp32 out: the column says "-"
     print("| contestant | tokens/s | vs llama.cpp at its precision | same greedy tokens as velocis fp32 |")
     print("|---|---:|---:|---|")
     peer = {"fp32": "llama.cpp f32", "bf16": "llama.cpp f16", "fp16": "llama.cpp f16", "int8": "llama.cpp q8_0",
@@ -137,7 +137,7 @@ def main() -> None:
         prec = name.split()[-1]
         match = peer.get(prec)
         ratio = f"{r / rate[match]:.2f}x" if match in rate and not name.startswith("llama") else ""
-        print(f"| {name} | {r:.1f} | {ratio} | {tokens[name] == ref} |")
+        print(f"| {name} | {r:.1f} | {ratio} | {'-' if ref is None else tokens[name] == ref} |")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,14 @@ inline __m256 dot32_s8(__m256i w, __m256i x) {
   return _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));
 }
 inline __m256 dot32_u4(__m256i u, __m256i x) { return _mm256_cvtepi32_ps(dot_u8s8(u, x)); }  // codes 0..15
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// Two 32-column blocks of signed bytes at once: 512-bit has no sign instruction, so |w| against x
+// negated where w < 0 (activation codes are within +-127, so negating one never overflows).
+inline __m512 dot64_s8(__m512i w, __m512i x) {
+  const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx));
+}
+#endif
 #endif
 
 // ---- one matrix, rows [r0, r1), against T activation rows: out[t * ostride + r] -----------------
@@ -349,7 +357,23 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
       } else {  // several blocks per scale: the activation scales first, the weight scale once per group
         for (int64_t g = 0; g < ng; ++g) {
           __m256 ga[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-          for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+          int64_t b = g * bpg;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+          if (m.kind == Q8) {  // two blocks per 512-bit step
+            __m512 gw[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (; b + 2 <= (g + 1) * bpg; b += 2) {
+              const __m512i xv = _mm512_loadu_si512(xc + b * QBLOCK);
+              const __m512 d = _mm512_insertf32x8(_mm512_set1_ps(xd[b]), _mm256_set1_ps(xd[b + 1]), 1);
+              for (int i = 0; i < 4; ++i) {
+                const __m512i wv = _mm512_loadu_si512(static_cast<const int8_t*>(w[i]) + b * QBLOCK);
+                gw[i] = _mm512_fmadd_ps(dot64_s8(wv, xv), d, gw[i]);
+              }
+            }
+            for (int i = 0; i < 4; ++i)
+              ga[i] = _mm256_add_ps(_mm512_castps512_ps256(gw[i]), _mm512_extractf32x8_ps(gw[i], 1));
+          }
+#endif
+          for (; b < (g + 1) * bpg; ++b) {
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + b * QBLOCK));
             const __m256 d = _mm256_set1_ps(xd[b]);
             for (int i = 0; i < 4; ++i) ga[i] = _mm256_fmadd_ps(block_dot(m, block_codes(m, w[i], b, nb), xv), d, ga[i]);
