@@ -345,7 +345,38 @@ void rows_quant(const Mat& m, int64_t T, const QRows& xq, float* out, int64_t os
       const float* xd = xq.scale(t);
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       if (bpg == 1) {  // a scale per block: fold the activation's into the 4 rows' at once
-        for (int64_t b = 0; b < nb; ++b) {
+        int64_t b = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        {  // two blocks per 512-bit step (Q4: the pair one load of 32 bytes holds)
+          __m512 aw[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          const int64_t paired = m.kind == Q4 ? nb / 2 * 2 : nb;
+          const __m512i low = _mm512_set1_epi8(0x0F);
+          for (; b + 2 <= paired; b += 2) {
+            const __m512i xv = _mm512_loadu_si512(xc + b * QBLOCK);
+            const __m128 c0 = _mm_mul_ps(scales4(sc4 + b * 4), _mm_set1_ps(xd[b]));
+            const __m128 c1 = _mm_mul_ps(scales4(sc4 + (b + 1) * 4), _mm_set1_ps(xd[b + 1]));
+            const __m512 c = _mm512_castps256_ps512(_mm256_set_m128(c1, c0));  // rows' scales: block b, then b + 1
+            for (int i = 0; i < 4; ++i) {
+              __m512 dot;
+              if (m.kind == Q8) {
+                dot = dot64_s8(_mm512_loadu_si512(static_cast<const int8_t*>(w[i]) + b * QBLOCK), xv);
+              } else {
+                const __m256i raw = _mm256_loadu_si256(
+                    reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(w[i]) + (b / 2) * QBLOCK));
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+                dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(both, low), xv));
+              }
+              // lanes 0-7 take row i's scale of block b, lanes 8-15 of block b + 1
+              const __m512 ci = _mm512_permutexvar_ps(_mm512_set_epi32(4 + i, 4 + i, 4 + i, 4 + i, 4 + i, 4 + i, 4 + i, 4 + i,
+                                                                       i, i, i, i, i, i, i, i), c);
+              aw[i] = _mm512_fmadd_ps(dot, ci, aw[i]);
+            }
+          }
+          for (int i = 0; i < 4; ++i)
+            acc[i] = _mm256_add_ps(_mm512_castps512_ps256(aw[i]), _mm512_extractf32x8_ps(aw[i], 1));
+        }
+#endif
+        for (; b < nb; ++b) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + b * QBLOCK));
           const __m128 c4 = _mm_mul_ps(scales4(sc4 + b * 4), _mm_set1_ps(xd[b]));
           const __m256 c8 = _mm256_set_m128(c4, c4);
