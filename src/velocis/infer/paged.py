@@ -165,10 +165,7 @@ class PackedStep:
         self.decode_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.decode_in_order = slots == list(range(rows))  # every slot decodes: no scatter, no gather
         self.decode_rows, self.decode_len = rows, max(lens)
-        self.decode_lens = torch.tensor(lens, dtype=torch.long, device=device)
-        # additive mask [rows, 1, 1, S]: 0 on each row's filled slots, -inf past them
-        filled = torch.arange(self.decode_len, device=device) < self.decode_lens[:, None]
-        self.decode_mask = torch.zeros(filled.shape, device=device).masked_fill_(~filled, float("-inf"))[:, None, None]
+        self.decode_lens = torch.tensor(lens, dtype=torch.long, device=device)  # each row's filled slots
 
 
 class PagedLayer(LayerCache):
@@ -223,7 +220,7 @@ class PagedLayer(LayerCache):
             if not step.decode_in_order:  # rows by slot; the slots that do not decode get zeros
                 qd = qd.new_zeros(step.decode_rows, *qd.shape[1:]).index_copy_(0, step.decode_slots, qd)
             rows, S = step.decode_rows, step.decode_len
-            yd = attend_decode(qd, wk[:rows, :, :S], wv[:rows, :, :S], step.decode_lens, scale, step.decode_mask)
+            yd = attend_decode(qd, wk[:rows, :, :S], wv[:rows, :, :S], step.decode_lens, scale)
             y[0, :D] = yd if step.decode_in_order else yd[step.decode_slots]
         for a, start, n, slot in step.chunks:
             qi = q[:, :, a:a + n]

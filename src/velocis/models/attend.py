@@ -93,17 +93,14 @@ def attend_prefixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: in
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per row over that row's first lens[r] slots: q [R, H, D], k/v [R, KV, S, D]
-    (views: any strides with D contiguous, read in place) -> [R, H, D]. mask: the same as an additive
-    [R, 1, 1, S] mask (-inf past each row's length), if the caller has it. The C++ kernel on CPU fp32
-    (it reads no slot past a row's length), else SDPA over the padded slots."""
+    (views: any strides with D contiguous, read in place) -> [R, H, D]. The C++ kernel on a CPU (it
+    reads no slot past a row's length), else SDPA over the padded slots with -inf past each length."""
     if _backend != "sdpa" and attention_cpu.decode_supported(q, k, v):
         return attention_cpu.decode_attention(q, k, v, lens, scale)
-    if mask is None:
-        filled = torch.arange(k.shape[2], device=q.device) < lens[:, None]
-        mask = torch.zeros(filled.shape, device=q.device).masked_fill_(~filled, float("-inf"))[:, None, None]
+    filled = torch.arange(k.shape[2], device=q.device) < lens[:, None]
+    mask = torch.zeros(filled.shape, device=q.device).masked_fill_(~filled, float("-inf"))[:, None, None]
     y = F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=mask.to(q.dtype),
                                        scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return y[:, :, 0]

@@ -25,7 +25,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-DTYPES = {None: None, "auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what --dtype takes
 
 
 @dataclass
@@ -45,9 +45,10 @@ class ServedModel:
 
         import velocis
 
-        if dtype not in DTYPES:
-            raise VelocisError(f"dtype {dtype!r} must be one of {', '.join(d for d in DTYPES if d)}")
-        model, tokenizer = velocis.load(path, device=device, dtype=DTYPES[dtype] and getattr(torch, DTYPES[dtype]))
+        if dtype not in (None, *DTYPES):
+            raise VelocisError(f"dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+        model, tokenizer = velocis.load(path, device=device,
+                                        dtype=None if dtype in (None, "auto") else getattr(torch, dtype))
         if tokenizer is None:
             raise VelocisError(f"{path}: no tokenizer (tokenizer.json); the server needs one to read text")
         path = Path(path)

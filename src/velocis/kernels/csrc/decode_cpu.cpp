@@ -215,19 +215,23 @@ void tile4(const W* const w[4], const float* x, int64_t xstride, int64_t C, floa
     }
 }
 
-// All T tokens against 4 weight rows: tiles of TOKENS_PER_TILE, the rest in tiles of 2 and 1.
-// `next` (the following 4 rows, or null) is prefetched during the first tile.
+// Tokens [0, T) in tiles of MAX, then 2, then 1: tile(std::integral_constant<int, TT>{}, t, next),
+// `next` (the following 4 weight rows to prefetch, or null) passed with the first tile only.
+template <int MAX, typename P, typename F>
+void token_tiles(int64_t T, const P* next, F&& tile) {
+  int64_t t = 0;
+  for (; t + MAX <= T; t += MAX, next = nullptr) tile(std::integral_constant<int, MAX>{}, t, next);
+  if constexpr (MAX > 2)
+    if (t + 2 <= T) tile(std::integral_constant<int, 2>{}, t, next), t += 2, next = nullptr;
+  if (t < T) tile(std::integral_constant<int, 1>{}, t, next);
+}
+
 template <int64_t KIND, typename W>
 void tiles4(const W* const w[4], int64_t T, const float* x, int64_t xstride, int64_t C, float* out,
             int64_t ostride, const W* next) {
-  constexpr int TT = TOKENS_PER_TILE;
-  int64_t t = 0;
-  for (; t + TT <= T; t += TT, next = nullptr) tile4<KIND, W, TT>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, next);
-  if (TT > 2 && t + 2 <= T) {
-    tile4<KIND, W, 2>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, next);
-    t += 2, next = nullptr;
-  }
-  if (t < T) tile4<KIND, W, 1>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, next);
+  token_tiles<TOKENS_PER_TILE>(T, next, [&](auto tt, int64_t t, const W* pf) {
+    tile4<KIND, W, decltype(tt)::value>(w, x + t * xstride, xstride, C, out + t * ostride, ostride, pf);
+  });
 }
 #endif
 
@@ -865,10 +869,9 @@ void rows_bf16(const Mat& m, int64_t T, const uint16_t* x, float* out, int64_t o
   for (; r + 4 <= r1; r += 4) {
     const uint16_t* w[4] = {base + r * C, base + (r + 1) * C, base + (r + 2) * C, base + (r + 3) * C};
     const uint16_t* next = r + 8 <= m.rows ? w[3] + C : nullptr;
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4, next = nullptr) tile4_bf16<4>(w, x + t * C, C, C, out + t * ostride + r, ostride, next);
-    if (t + 2 <= T) tile4_bf16<2>(w, x + t * C, C, C, out + t * ostride + r, ostride, next), t += 2, next = nullptr;
-    if (t < T) tile4_bf16<1>(w, x + t * C, C, C, out + t * ostride + r, ostride, next);
+    token_tiles<TOKENS_PER_TILE>(T, next, [&](auto tt, int64_t t, const uint16_t* pf) {
+      tile4_bf16<decltype(tt)::value>(w, x + t * C, C, C, out + t * ostride + r, ostride, pf);
+    });
   }
   for (; r < r1; ++r)
     for (int64_t t = 0; t < T; ++t) {
@@ -887,36 +890,28 @@ at::Tensor matvec(const at::Tensor& x, int64_t kind, const at::Tensor& w, const 
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && (x.scalar_type() == at::kFloat ||
                                                       (bf16_acts && x.scalar_type() == at::kBFloat16)),
               "matvec: x must be fp32 [T, ", cols, "] (or bf16 with kind ", BF16_ACTS, ")");
-  if (bf16_acts) {
-    kind = BF16;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-    const at::Tensor xb = x.to(at::kBFloat16).contiguous();  // exact: they are bf16 values
-    const at::Tensor wc = w.contiguous();
-    const int64_t meta[4] = {kind, rows, cols, group};
-    const at::Tensor ts[3] = {wc, scales, zeros};
-    const Mat m = make_mat(ts, meta);
-    const int64_t T = xb.size(0);
-    at::Tensor out = at::empty({T, rows}, at::kFloat);
-    const uint16_t* X = reinterpret_cast<const uint16_t*>(xb.data_ptr());
-    float* O = out.data_ptr<float>();
-    const int nt = std::max(1, at::get_num_threads());
-    const int64_t tasks = (rows + TASK_ROWS - 1) / TASK_ROWS;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t task = 0; task < tasks; ++task)
-      rows_bf16(m, T, X, O, rows, task * TASK_ROWS, std::min(rows, (task + 1) * TASK_ROWS));
-    return out;
-#endif
-  }
-  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  if (bf16_acts) kind = BF16;
   const at::Tensor ts[3] = {w.contiguous(), scales, zeros};
   const int64_t meta[4] = {kind, rows, cols, group};
   Mat m = make_mat(ts, meta);
   m.exact = exact;
-  const int64_t T = xc.size(0);
+  const int64_t T = x.size(0);
   at::Tensor out = at::empty({T, rows}, at::kFloat);
+  const int nt = std::max(1, at::get_num_threads());
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  if (bf16_acts) {
+    const at::Tensor xb = x.to(at::kBFloat16).contiguous();  // exact: they are bf16 values
+    const uint16_t* X = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+    const int64_t tasks = (rows + TASK_ROWS - 1) / TASK_ROWS;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t task = 0; task < tasks; ++task)
+      rows_bf16(m, T, X, out.data_ptr<float>(), rows, task * TASK_ROWS, std::min(rows, (task + 1) * TASK_ROWS));
+    return out;
+  }
+#endif
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
   QRows xq;
   if (m.quantized() && !exact) xq.quantize(xc.data_ptr<float>(), T, cols);
-  const int nt = std::max(1, at::get_num_threads());
 #pragma omp parallel num_threads(nt)
   matvec_team({{&m, out.data_ptr<float>(), rows}}, T, xc.data_ptr<float>(), cols, &xq);
   return out;
