@@ -159,7 +159,7 @@ class _StubObjective:
                                             num_iterations=iterations)
         self.device = torch.device("cpu")
 
-    def rollout(self, examples, prompt_ids, index):
+    def rollout(self, examples, prompt_ids, index, positions=None):
         rewards = torch.tensor(self.scripted[index - 1], dtype=torch.float32)
         G = self.config.num_generations
         adv, _ = rl.group_advantages(rewards, G)

@@ -203,8 +203,10 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_newest(tiny_data_dir, t
 
 # --- several processes (marked) --------------------------------------------------------------------
 @pytest.mark.distributed
-def test_fsdp_equal_and_sharded_checkpoint_resumes_at_world_1_and_2(tiny_data_dir, reference, tmp_path, capsys):
-    run = tmp_path / "fsdp"
+def test_fsdp_equal_and_sharded_checkpoint_resumes_at_world_1_and_2(tiny_data_dir, tmp_path, capsys):
+    # FSDP trains with AdamW (Muon needs whole matrices; recipe_for): the one-process run does too
+    run, reference = tmp_path / "fsdp", tmp_path / "one"
+    one_process(tiny_data_dir, reference, "--max-steps", "4", "--optimizer", "adamw")
     torchrun(2, cluster_args(tiny_data_dir, run, "--max-steps", "4", "--save-every", "2", "--parallel", "fsdp"))
     assert max_weight_diff(run, reference) < 1e-5
     step3 = losses(run)[3]
@@ -215,7 +217,8 @@ def test_fsdp_equal_and_sharded_checkpoint_resumes_at_world_1_and_2(tiny_data_di
     for name in ("r1", "r2"):
         shutil.copytree(run, tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "step_4")
-    one_process(tiny_data_dir, tmp_path / "r1", "--max-steps", "4", "--save-every", "2", "--resume")
+    one_process(tiny_data_dir, tmp_path / "r1", "--max-steps", "4", "--save-every", "2", "--resume",
+                "--optimizer", "adamw")
     torchrun(2, cluster_args(tiny_data_dir, tmp_path / "r2", "--max-steps", "4", "--save-every", "2",
                              "--parallel", "fsdp", "--resume"))
     for name in ("r1", "r2"):
@@ -286,7 +289,7 @@ def test_expert_parallel_training_equals_one_process(tiny_data_dir, tmp_path):
     moe = [*MOE, "--balance", "aux_free"]
     torchrun(2, cluster_args(tiny_data_dir, tmp_path / "ep", "--max-steps", "3", *moe, "--parallel", "fsdp",
                              "--expert-parallel", "2"))
-    one_process(tiny_data_dir, tmp_path / "one", "--max-steps", "3", *moe)
+    one_process(tiny_data_dir, tmp_path / "one", "--max-steps", "3", *moe, "--optimizer", "adamw")  # as FSDP
     assert max_weight_diff(tmp_path / "ep", tmp_path / "one") < 1e-5
 
 

@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    finished = False
     try:
         result = args.func(args)
+        finished = True
     except VelocisError as e:
         print(f"velocis {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"velocis {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
+    finally:  # a command that joined other processes (torchrun) leaves the group before exiting
+        joined = sys.modules.get("velocis.train.distributed")
+        if joined is not None:
+            joined.shutdown(wait=finished)
     return int(result or 0)
 
 

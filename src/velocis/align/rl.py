@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from velocis.errors import VelocisError
+from velocis.train import distributed
 from velocis.train.objectives import IGNORE_INDEX, Objective
 from velocis.utils.fields import check_field_types
 
@@ -173,11 +174,12 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                     batch_rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, std) per completion, as TRL computes them: reward minus its group's mean,
     divided by (std + 1e-4) where std is the group's ("group") or the batch's ("batch") sample
-    standard deviation, or not divided ("none"). `rewards` is [groups * group_size], grouped."""
+    standard deviation, or not divided ("none"). `rewards` is [groups * group_size], grouped;
+    `batch_rewards`: the batch the "batch" std is taken over, when larger (every rank's rollout)."""
     if rewards.numel() % group_size:
         raise VelocisError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     if not rewards.is_floating_point():
@@ -187,7 +189,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     if scale_rewards in ("group", "none"):
         std = grouped.std(1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(rewards)
     elif scale_rewards == "batch":
-        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        batch = rewards if batch_rewards is None else batch_rewards.float()
+        std = batch.std().expand_as(rewards) if batch.numel() > 1 else torch.zeros_like(rewards)
     else:
         raise VelocisError(f"scale_rewards {scale_rewards!r} must be one of {', '.join(SCALE_REWARDS)}")
     adv = rewards - mean
@@ -363,15 +366,16 @@ def build_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
 
 def sample_completions(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float,
                        top_p: float, stop_ids: set[int], generator: torch.Generator | None = None,
-                       engine=None, seed: int | None = None) -> list[list[int]]:
+                       engine=None, seeds: Sequence[int] | None = None) -> list[list[int]]:
     """One completion per prompt row, ending with its stop token when it stopped (the stop token
-    is what the policy chose there, so it is trained like any other)."""
+    is what the policy chose there, so it is trained like any other). With the engine, each row
+    samples from its own seed (`seeds`), whatever rows share its batch."""
     if engine is not None:
         from velocis.infer.sampling import SamplingParams
 
         (stop,) = stop_ids  # the engine drops the stop token from its output; we know which it was
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 stop_token_ids=[stop], ignore_eos=True, seed=None if seed is None else seed + i)
+                                 stop_token_ids=[stop], ignore_eos=True, seed=None if seeds is None else seeds[i])
                   for i in range(len(prompts))]
         outs = engine.generate([list(p) for p in prompts], params)
         return [o["token_ids"] + ([stop] if o["finish_reason"] == "stop" else []) for o in outs]
@@ -458,14 +462,17 @@ class RolloutObjective(Objective):
     name = "rl"
 
     def __init__(self, config: RolloutConfig, rewards, encoder: PromptEncoder, *, reference_dir: str | Path | None,
-                 accuracy_verifier: str, precision: str = "fp32", grad_accum: int = 1, seed: int = 0):
+                 accuracy_verifier: str, precision: str = "fp32", grad_accum: int = 1, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.config, self.rewards, self.encoder = config, rewards, encoder
         self.reference_dir = reference_dir
         from velocis.align.verifiers import get_verifier
 
         self.accuracy_name = accuracy_verifier
         self.accuracy_fn = get_verifier(accuracy_verifier)
-        self.precision, self.grad_accum, self.seed = precision, grad_accum, seed
+        # the ranks' gradients are summed: a per-micro-batch mean divides by every rank's micro-batches
+        self.precision, self.grad_accum, self.seed = precision, grad_accum * world_size, seed
+        self.rank, self.world_size = rank, world_size
         self.model: nn.Module | None = None
         self.ref: nn.Module | None = None
         self.engine = None
@@ -490,11 +497,16 @@ class RolloutObjective(Objective):
         return autocast_for(self.device, self.precision)
 
     # -- sampling and scoring -----------------------------------------------------------------------
-    def sample(self, prompt_ids: list[list[int]], n: int, rollout_index: int) -> list[list[int]]:
-        """n completions of each prompt (rows grouped by prompt), from the current policy."""
+    def sample(self, prompt_ids: list[list[int]], n: int, rollout_index: int,
+               positions: Sequence[int] | None = None) -> list[list[int]]:
+        """n completions of each prompt (rows grouped by prompt), from the current policy.
+        `positions`: each prompt's place in the rollout over all ranks; the engine seeds every row
+        from it, so a rollout split over ranks samples what one process would."""
         c = self.config
         rows = [p for p in prompt_ids for _ in range(n)]
         seed = (self.seed * 1_000_003 + rollout_index) % 2**62
+        if positions is None:
+            positions = range(len(prompt_ids))
         was_training = self.model.training
         try:
             if c.sampler == "engine":
@@ -505,10 +517,11 @@ class RolloutObjective(Objective):
                     self.engine = Engine(self.model, None, max_num_seqs=len(rows), kv_cache_memory=0.2,
                                          prefix_caching=False, max_prefill_tokens=4096)
                 self.model.eval()
+                seeds = [seed + pos * n + g for pos in positions for g in range(n)]
                 return sample_completions(self.model, rows, c.max_completion_length, temperature=c.temperature,
-                                          top_p=c.top_p, stop_ids=self.stop_ids, engine=self.engine, seed=seed)
+                                          top_p=c.top_p, stop_ids=self.stop_ids, engine=self.engine, seeds=seeds)
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed)
+            gen.manual_seed((seed + 7919 * self.rank) % 2**62)  # one stream per rank (the batch shares it)
             return sample_completions(self.model, rows, c.max_completion_length, temperature=c.temperature,
                                       top_p=c.top_p, stop_ids=self.stop_ids, generator=gen)
         finally:
@@ -554,7 +567,8 @@ class RolloutObjective(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def rollout(self, examples: list[dict], prompt_ids: list[list[int]], rollout_index: int) -> dict | None:
+    def rollout(self, examples: list[dict], prompt_ids: list[list[int]], rollout_index: int,
+                positions: Sequence[int] | None = None) -> dict | None:
         raise NotImplementedError
 
 
@@ -593,14 +607,16 @@ def greedy_accuracy(model, encoder: PromptEncoder, examples: Sequence[dict], ver
 class GRPOObjective(RolloutObjective):
     name = "grpo"
 
-    def rollout(self, examples, prompt_ids, rollout_index):
+    def rollout(self, examples, prompt_ids, rollout_index, positions=None):
         c: GRPOConfig = self.config
         G = c.num_generations
-        completions = self.sample(prompt_ids, G, rollout_index)
+        completions = self.sample(prompt_ids, G, rollout_index, positions)
         answers = [ex["answer"] for ex in examples for _ in range(G)]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         rewards, stats = self.score([self.decode(x) for x in completions], answers, prompts)
-        advantages, std = group_advantages(rewards, G, c.scale_rewards)
+        # "batch": the std of the whole rollout, every rank's rewards included
+        batch = distributed.gather_tensors(rewards) if c.scale_rewards == "batch" else None
+        advantages, std = group_advantages(rewards, G, c.scale_rewards, batch_rewards=batch)
         equal = equal_groups(rewards, G)
         rows = [p for p in prompt_ids for _ in range(G)]
         lengths = torch.tensor([len(x) for x in completions], dtype=torch.float32)
@@ -656,10 +672,10 @@ class PPOObjective(RolloutObjective):
     def values(self, model, out) -> torch.Tensor:
         return self.value_head(model.norm(out.hidden)).squeeze(-1).float()
 
-    def rollout(self, examples, prompt_ids, rollout_index):
+    def rollout(self, examples, prompt_ids, rollout_index, positions=None):
         c: PPOConfig = self.config
         G = c.num_generations
-        completions = self.sample(prompt_ids, G, rollout_index)
+        completions = self.sample(prompt_ids, G, rollout_index, positions)
         answers = [ex["answer"] for ex in examples for _ in range(G)]
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         scores, stats = self.score([self.decode(x) for x in completions], answers, prompts)
@@ -689,7 +705,9 @@ class PPOObjective(RolloutObjective):
         seq_kl = diff.sum(1).mean()
         parts["stats"].update(kl=float(seq_kl), kl_coef=self.kl_ctl.value,
                               non_score_reward=float((-self.kl_ctl.value * per_token_kl).sum(1).mean()))
-        self.kl_ctl.update(float(seq_kl), len(ids))
+        # every rank moves the coefficient alike: by the KL of the whole rollout
+        rows = distributed.sum_over_ranks(len(ids))
+        self.kl_ctl.update(distributed.sum_over_ranks(float(diff.sum())) / rows, rows)
         return {"input_ids": ids, "targets": targets, "old_logps": old_logps, "old_values": old_values,
                 "advantages": adv, "returns": returns}
 
@@ -728,17 +746,23 @@ class RolloutLoader:
     Each rollout covers `prompts_per_rollout` prompts (in a shuffled order, a new one each epoch);
     it is cut into `grad_accum` micro-batches and served `num_iterations` times. The state (order,
     position, the rollout being served and how far) is saved with checkpoints, so a resumed run
-    serves the same batches."""
+    serves the same batches.
+
+    Several processes: a rollout covers `prompts_per_rollout` prompts per rank, taken from one
+    shuffled order that every rank shares; rank r samples every world_size-th of them from r. The
+    ranks draw together (also when --skip-equal-groups draws again), so their positions stay equal."""
 
     def __init__(self, objective: RolloutObjective, examples: list[dict], prompt_ids: list[list[int]],
-                 prompts_per_rollout: int, grad_accum: int = 1, seed: int = 0):
+                 prompts_per_rollout: int, grad_accum: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1):
         if prompts_per_rollout < 1:
             raise VelocisError("a rollout needs at least one prompt")
-        if prompts_per_rollout > len(examples):
-            raise VelocisError(f"a rollout takes {prompts_per_rollout} prompts but the data has {len(examples)}; "
-                               f"lower --batch-size or give more prompts")
+        if prompts_per_rollout * world_size > len(examples):
+            ranks = f" x {world_size} processes" if world_size > 1 else ""
+            raise VelocisError(f"a rollout takes {prompts_per_rollout} prompts{ranks} but the data has "
+                               f"{len(examples)}; lower --batch-size or give more prompts")
         self.objective, self.examples, self.prompt_ids = objective, examples, prompt_ids
         self.per_rollout, self.grad_accum, self.seed = prompts_per_rollout, grad_accum, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position, self.rollouts = 0, 0, 0
         self.pending: list[dict] = []  # the current rollout's micro-batches
         self.served = 0  # how many of pending * num_iterations were served
@@ -748,20 +772,26 @@ class RolloutLoader:
         random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
         return order
 
-    def _next_prompts(self) -> list[int]:
+    def _next_prompts(self) -> tuple[list[int], list[int]]:
+        """This rank's prompts of the next rollout (indices into the data) and their places in it."""
+        count = self.per_rollout * self.world_size
         order = self._order()
-        if self.position + self.per_rollout > len(order):
+        if self.position + count > len(order):
             self.epoch, self.position = self.epoch + 1, 0
             order = self._order()
-        idx = order[self.position:self.position + self.per_rollout]
-        self.position += self.per_rollout
-        return idx
+        idx = order[self.position:self.position + count]
+        self.position += count
+        places = list(range(self.rank, count, self.world_size))
+        return [idx[j] for j in places], places
 
-    def _draw(self) -> dict:
-        idx = self._next_prompts()
+    def _draw(self, sample: bool = True) -> dict | None:
+        """The next rollout; sample=False: only move past it (this rank needs no more, another does)."""
+        idx, places = self._next_prompts()
         self.rollouts += 1
+        if not sample:
+            return None
         return self.objective.rollout([self.examples[i] for i in idx], [self.prompt_ids[i] for i in idx],
-                                      self.rollouts)
+                                      self.rollouts, positions=places)
 
     def _new_rollout(self) -> list[dict]:
         obj = self.objective
@@ -794,6 +824,11 @@ class RolloutLoader:
         current = parts
         for attempt in range(obj.config.max_resample + 1):
             if attempt:
+                if not distributed.any_over_ranks(len(kept) < want):
+                    break
+                if len(kept) >= want:  # another rank draws again: keep in step with it
+                    self._draw(sample=False)
+                    continue
                 current = self._draw()
             drawn += 1
             for g in range(len(current["rows"]) // G):
@@ -802,8 +837,6 @@ class RolloutLoader:
                 elif len(kept) < want:
                     kept.append({k: current[k][g * G:(g + 1) * G] for k in ("rows", "completions", "rewards",
                                                                              "advantages")})
-            if len(kept) >= want:
-                break
         parts["stats"].update(skipped_groups=float(skipped), rollout_draws=float(drawn))
         if not kept:  # nothing but equal groups: train on the first draw (its advantages are all 0)
             return parts
@@ -825,12 +858,28 @@ class RolloutLoader:
         return {"epoch": self.epoch, "position": self.position, "rollouts": self.rollouts, "served": self.served,
                 "pending": self.pending}
 
+    @staticmethod
+    def gather_state(state: dict[str, Any]) -> dict[str, Any]:
+        """A state with every rank's pending micro-batches (rank 0 alone writes it): a collective."""
+        if not distributed.current().active:
+            return state
+        cpu = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in mb.items()} for mb in state["pending"]]
+        return {**state, "pending": distributed.gather_objects(cpu), "pending_by_rank": True}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position, self.rollouts = state["epoch"], state["position"], state["rollouts"]
         self.served = state["served"]
+        pending = state["pending"]
+        if state.get("pending_by_rank"):
+            if len(pending) != self.world_size:  # another world size: its rows cannot be split again
+                pending, self.served = [], 0  # the interrupted rollout's rest is dropped; the next is drawn
+            else:
+                pending = pending[self.rank]
+        elif self.world_size > 1:
+            pending, self.served = [], 0
         device = getattr(self.objective, "device", None)
         self.pending = [{k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
-                         for k, v in mb.items()} for mb in state["pending"]]
+                         for k, v in mb.items()} for mb in pending]
 
 
 # =============================================================================================
@@ -840,18 +889,26 @@ def make_trainer(cfg, model_config, objective, data, eval_examples, eval_prompt_
     from velocis.train.loop import Trainer
 
     class RLTrainer(Trainer):
-        """Evaluation = held-out accuracy of greedy completions; best/ = the most accurate model;
-        checkpoints carry the objective's state (value head, KL coefficient)."""
+        """Evaluation = held-out accuracy of greedy completions (several processes: each rank scores
+        every world_size-th prompt); best/ = the most accurate model; checkpoints carry the objective's
+        state (value head, KL coefficient) and every rank's pending rollout."""
 
         def _eval_and_record(self, monitor) -> None:
-            n = objective.config.eval_n
-            if not eval_examples or n == 0:
+            n = min(objective.config.eval_n, len(eval_examples or []))
+            if n == 0:
                 return
-            acc, _ = objective.heldout_accuracy(eval_examples[:n], eval_prompt_ids[:n] if eval_prompt_ids else None)
+            rank, world = self.dist.rank, self.dist.world_size
+            mine = list(range(rank, n, world))
+            correct = 0.0
+            if mine:
+                acc, _ = objective.heldout_accuracy([eval_examples[i] for i in mine],
+                                                    [eval_prompt_ids[i] for i in mine] if eval_prompt_ids else None)
+                correct = round(acc * len(mine))
+            acc = distributed.sum_over_ranks(correct) / n
             self._last_eval = self.step
             self.val_history.append((self.step, 1.0 - acc, None))
             rec = {"type": "eval", "step": self.step, "heldout_accuracy": acc, "val_loss": 1.0 - acc,
-                   "val_bpb": None, "heldout_n": min(n, len(eval_examples))}
+                   "val_bpb": None, "heldout_n": n}
             self.metrics.write(rec)
             monitor.eval(rec)
             monitor.note(f"held-out accuracy at step {self.step}: {acc:.3f}")
@@ -859,11 +916,14 @@ def make_trainer(cfg, model_config, objective, data, eval_examples, eval_prompt_
                 from velocis.train import checkpoint as ckpt_io
 
                 self.best_val = 1.0 - acc
-                ckpt_io.save_best(self.run_dir, self.model, self.tokenizer,
-                                  {"step": self.step, "heldout_accuracy": acc})
+                model = self._model_to_write()  # several processes: gathered on rank 0 (None elsewhere)
+                if model is not None:
+                    ckpt_io.save_best(self.run_dir, model, self.tokenizer, {"step": self.step, "heldout_accuracy": acc})
 
-        def trainer_state(self) -> dict[str, Any]:
-            return {**super().trainer_state(), "objective_state": objective.state_dict()}
+        def trainer_state(self) -> dict[str, Any]:  # every rank calls it when saving
+            state = super().trainer_state()
+            state["train_loader"] = RolloutLoader.gather_state(state["train_loader"])
+            return {**state, "objective_state": objective.state_dict()}
 
         def _load(self, path) -> None:
             from velocis.train import checkpoint as ckpt_io

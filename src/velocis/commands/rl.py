@@ -197,6 +197,7 @@ def run_rl(args) -> int:
     from velocis.serve.chat_template import find_chat_template
     from velocis.tokenizer import Tokenizer
     from velocis.train.data_source import TrainData
+    from velocis.train import distributed
     from velocis.train.run_dir import check_run_dir, locked_run_dir
     from velocis.utils.output_dir import check_not_input
 
@@ -243,17 +244,23 @@ def run_rl(args) -> int:
     cfg = TrainConfig(output_dir=str(out), init_from=str(model_dir), seq_len=min(seq_len, context), **kwargs)
     if cfg.max_steps is not None and "max_steps" not in given and cfg.time_budget is not None:
         cfg.max_steps = None  # a time budget alone decides
+    ranks = distributed.launcher_env()  # under torchrun: each rank samples its share of every rollout
+    if ranks.active and (cfg.parallel == "fsdp" or cfg.expert_parallel > 1):
+        raise VelocisError("train-grpo / train-ppo on several processes run data parallel (--parallel ddp): "
+                           "rollouts generate a different number of tokens on each rank, which sharded "
+                           "parameters (--parallel fsdp, --expert-parallel) cannot follow")
     cls = rl.GRPOObjective if args.config_cls is rl.GRPOConfig else rl.PPOObjective
     objective = cls(rl_cfg, rewards, encoder, reference_dir=model_dir, accuracy_verifier=accuracy,
-                    precision=cfg.precision, grad_accum=cfg.grad_accum, seed=cfg.seed)
+                    precision=cfg.precision, grad_accum=cfg.grad_accum, seed=cfg.seed, rank=ranks.rank,
+                    world_size=ranks.world_size)
     loader = rl.RolloutLoader(objective, train, prompt_ids, cfg.batch_size * cfg.grad_accum // G, cfg.grad_accum,
-                              seed=cfg.seed)
+                              seed=cfg.seed, rank=ranks.rank, world_size=ranks.world_size)
     data = TrainData(tokenizer, loader, None, None, where)
     with locked_run_dir(out):
         trainer = rl.make_trainer(cfg, model_config, objective, data, held_out, eval_ids, resume=args.resume,
                                   overwrite=args.overwrite, **lora_trainer_hooks(args))
         result = trainer.run()
-        if lora is not None:
+        if lora is not None and ranks.is_main:  # the root holds the merged model; rank 0 writes the adapters
             save_adapters(trainer.model, out, base_model=str(model_dir))
     accs = [(s, 1 - v) for s, v, _ in result.val]
     line = f"done: {result.step} steps in {(time.perf_counter() - t0) / 60:.1f} min"

@@ -165,11 +165,8 @@ def run(args) -> int:
     check_run_dir(output_dir, args.overwrite, bool(args.resume))  # before any data is prepared into it
     # under torchrun: join the other processes (checking --world-size) before any of them writes
     distributed.setup(args.world_size, args.device or TrainConfig.device, args.dist_timeout or TrainConfig.dist_timeout)
-    try:
-        with locked_run_dir(output_dir):  # one writer (rank 0): a second training or resume here is refused
-            return _run(args, preset, output_dir)
-    finally:
-        distributed.shutdown()
+    with locked_run_dir(output_dir):  # one writer (rank 0): a second training or resume here is refused
+        return _run(args, preset, output_dir)  # velocis.cli.main leaves the process group
 
 
 def _run(args, preset: str, output_dir: Path) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import os
 import sys
@@ -127,8 +128,15 @@ def setup(world_size: int | None = None, device: str = "auto", timeout_s: float 
     return current()
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group. After a clean finish the ranks meet first: one tearing down its
+    transport while a peer still talks to it can abort the process at exit (gloo's worker threads).
+    wait=False after an error: a lost or stuck peer would hold the barrier until the timeout."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            with contextlib.suppress(Exception):
+                dist.barrier()
+        gc.collect()  # free what still holds the group (a DDP reducer in a reference cycle) while it is whole
         dist.destroy_process_group()
 
 
@@ -207,6 +215,39 @@ def max_over_ranks(*values: float) -> tuple[float, ...]:
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(t.tolist())
+
+
+def any_over_ranks(flag: bool) -> bool:
+    """True on every rank when it is true on any (ranks that must take the same branch together)."""
+    return bool(max_over_ranks(float(flag))[0])
+
+
+def gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (picklable; tensors moved to the CPU first), in rank order, on every rank."""
+    if not current().active:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def gather_tensors(t: torch.Tensor) -> torch.Tensor:
+    """The ranks' tensors (the same shape on each) concatenated along dim 0, in rank order."""
+    if not current().active:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def sum_gradients(module: torch.nn.Module) -> None:
+    """Sum the gradients of a module outside the parallelized model (an objective's value head)
+    over ranks, as DDP does for the model's own."""
+    if not current().active:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
 
 
 def min_over_ranks(value: int) -> int:

@@ -41,7 +41,7 @@ from velocis.train.monitor import MetricsLog, make_monitor, memory_usage
 from velocis.train.objectives import NextTokenObjective, Objective
 from velocis.train.optim import build_optimizer, register_step_hooks
 from velocis.train import distributed, sharded_checkpoint
-from velocis.train.parallelize import materialize, parallelize
+from velocis.train.parallelize import materialize, parallelize, start_data_parallel
 from velocis.train.schedule import lr_multiplier
 from velocis.utils.device import autocast_for, hardware_bf16, resolve_precision
 
@@ -207,6 +207,7 @@ class Trainer:
             ckpt_io.load_weights(self.model, Path(cfg.init_from))
         if prepare_model is not None:
             self.model = prepare_model(self.model)
+        start_data_parallel(self.model)  # now, with gradients on: an objective may first run it for inference
         self.export_model = export_model or (lambda model: model)
         # the objective sees the starting weights even on a resume (a frozen reference copies them)
         self.objective.setup(self.model, self.device)
@@ -322,6 +323,8 @@ class Trainer:
                 loss.backward()
             total += loss.detach()
             stats.append(s)
+        for module in self.objective.modules().values():
+            distributed.sum_gradients(module)
         return distributed.sum_over_ranks(total), distributed.mean_stats(average_stats(stats))
 
     def train_step(self) -> tuple[float, float, dict[str, Any], float]:

@@ -114,6 +114,18 @@ def apply_ddp(model: nn.Module, device: torch.device) -> None:
     model.register_comm_hook(None, _allreduce_sum)
 
 
+def start_data_parallel(model: nn.Module) -> None:
+    """Build replicate()'s DDP state now rather than at the first forward. That forward may be an
+    objective's sampling under inference mode (GRPO's rollouts), which would make DDP's gradient
+    buckets inference tensors that backward cannot write. Call it once the parameters are final
+    (after LoRA adds its own)."""
+    from torch.distributed._composable.replicate import replicate
+
+    state = replicate.state(model) if distributed.current().active else None
+    if state is not None and (state._init_args or state._init_kwargs):
+        state.lazy_init()
+
+
 def _allreduce_sum(process_group, bucket):
     """DDP's all-reduce hook without its division by the world size (gradients are summed)."""
     group = process_group if process_group is not None else dist.group.WORLD
