@@ -175,3 +175,23 @@ def test_rl_two_ranks_resume_mid_rollout(tmp_path, algo):
     torchrun(2, [*launch, "--max-steps", "1", "--output-dir", str(tmp_path / "cut")])
     torchrun(2, [*launch, "--max-steps", "3", "--output-dir", str(tmp_path / "cut"), "--resume"])
     assert max_weight_diff(tmp_path / "cut", tmp_path / "whole") < 1e-6
+
+
+@pytest.mark.distributed
+def test_sft_two_ranks_equal_one_process(tmp_path):
+    """Each rank packs every second row of the global batch: the weights end as one process's."""
+    from test_distributed import max_weight_diff, torchrun
+    from velocis.cli import main
+
+    task = _task_and_model(tmp_path, n_train=64, n_eval=8, max_seq_len=128)
+    common = ["sft", "--data", str(task / "sft.jsonl"), "--model-dir", str(tmp_path / "base"), "--seq-len", "64",
+              "--max-steps", "3", "--lr", "3e-3", "--device", "cpu", "--precision", "fp32", "--threads", "1",
+              "--no-plot", "--monitor", "plain"]
+    torchrun(2, ["-m", "velocis", "--", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")])
+    n = torch.get_num_threads()
+    try:
+        assert main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert max_weight_diff(tmp_path / "two", tmp_path / "one") < 1e-5
+    assert max_weight_diff(tmp_path / "two", tmp_path / "base") > 1e-4  # it trained
