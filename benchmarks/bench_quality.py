@@ -6,12 +6,16 @@ train on the same prepared token shards (Velocis' PackedLoader feeds the transfo
 with the same shape and sequence length, for the same minutes, one after the other; each
 then is scored by the same function here: bits per byte = summed next-token NLL / ln 2 / UTF-8
 bytes of the held-out text. Velocis trains through `velocis train-custom` with its defaults plus
-any --velocis-args (the ablation knobs), its batch size included (the recipe's: 16 sequences); the
+any --velocis-args (the ablation knobs), its batch size included (the recipe's: 16 sequences), at
+the shape Velocis picks for this budget (VELOCIS_SHAPE: the baseline's width, half its layers,
+ReLU² MLP 1536; checked to have no more parameters than the baseline) or, with --velocis-shape
+baseline, the baseline's own; the
 baseline is transformers with AdamW lr 1e-3, linear warmup then cosine over the time budget, fp32,
 batch 8 x 256 as the issue states it (--transformers-batch for a control at Velocis' batch).
 
     python benchmarks/bench_quality.py [--minutes 10] [--threads 2] [--work /tmp/vq]
         [--contestants transformers,velocis] [--velocis-args="--optimizer muon"] [--label NAME]
+        [--velocis-shape pick|baseline]
 
 (--velocis-args=... with "=": argparse takes a lone "--flag" value for an option of its own.)
 
@@ -40,6 +44,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CORPORA = {"zh": SHARED / "zh" / "classical.txt", "en": SHARED / "en" / "tinyshakespeare.txt"}
 HELD_OUT_CHARS = {"zh": 30_000, "en": 60_000}  # about the same number of bytes per language
 SHAPE = dict(hidden_dim=384, num_layers=8, num_heads=6, num_kv_heads=2, mlp_dim=1024, max_seq_len=256)
+# Velocis' shape for budgets of minutes on a CPU (under 2M tokens): fewer, wider-MLP layers learn more
+# in the same time (the ablation in RESULTS.md: 4 layers and ReLU² 1536 beat 8 layers SwiGLU 1024).
+VELOCIS_SHAPE = dict(SHAPE, num_layers=4, dense_feed_forward="relu2", mlp_dim=1536)
+FLAGS = {"dense_feed_forward": "feed-forward"}  # train-custom's flag where it is not the field's name
 BATCH, SEQ, VOCAB = 8, 256, 8192
 
 
@@ -124,9 +132,16 @@ def train_transformers(data_dir: Path, out: Path, minutes: float, threads: int, 
     return {"steps": step, "tokens": step * batch * SEQ, "seconds": seconds}
 
 
+def parameters(shape: dict) -> int:
+    from velocis.config import ModelConfig
+    from velocis.models.count import count_params
+
+    return count_params(ModelConfig(vocab_size=VOCAB, **shape))["total"]
+
+
 def train_velocis(data_dir: Path, out: Path, minutes: float, threads: int, seed: int, extra: list[str],
-                  steps: int | None = None) -> dict:
-    shape = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
+                  steps: int | None = None, shape: dict = VELOCIS_SHAPE) -> dict:
+    shape = [f"--{FLAGS.get(k, k.replace('_', '-'))}={v}" for k, v in shape.items()]
     stop = ["--time-budget", str(minutes)] if steps is None else ["--max-steps", str(steps)]
     run([sys.executable, "-m", "velocis", "train-custom", "--data", str(data_dir), "--output-dir", str(out),
          *shape, "--seq-len", str(SEQ), *stop,
@@ -164,7 +179,14 @@ def main() -> None:
     ap.add_argument("--label", default=None, help="name of this Velocis row (default: its extra flags)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--transformers-batch", type=int, default=BATCH, help="the baseline's batch (default 8)")
+    ap.add_argument("--velocis-shape", choices=["pick", "baseline"], default="pick",
+                    help="Velocis' own shape for this budget (default) or the baseline's")
     args = ap.parse_args()
+    velocis_shape = VELOCIS_SHAPE if args.velocis_shape == "pick" else SHAPE
+    limit, mine = parameters(SHAPE), parameters(velocis_shape)
+    if mine > limit:
+        sys.exit(f"Velocis' shape has {mine:,} parameters, more than the baseline's {limit:,}")
+    print(f"parameters: baseline {limit:,}; Velocis {mine:,} ({velocis_shape})", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     from velocis.tokenizer import Tokenizer
 
@@ -173,14 +195,14 @@ def main() -> None:
     rows = []
     for kind in args.contestants.split(","):
         label = (kind + (f" b{args.transformers_batch}" if args.transformers_batch != BATCH else "")
-                 if kind == "transformers" else (args.label or f"velocis {args.velocis_args}".strip()))
+                 if kind == "transformers" else (args.label or f"velocis {args.velocis_shape} shape {args.velocis_args}".strip()))
         out = args.work / "runs" / label.replace(" ", "_").replace("/", "_")
         if kind == "transformers":
             info = train_transformers(data_dir, out, args.minutes, args.threads, args.seed, args.steps,
                                       args.transformers_batch)
         else:
             info = train_velocis(data_dir, out, args.minutes, args.threads, args.seed, shlex.split(args.velocis_args),
-                                 args.steps)
+                                 args.steps, velocis_shape)
         bpb = score(kind, out, tokenizer, held_out)
         row = {"label": label, **info, "bpb_zh": bpb["zh"], "bpb_en": bpb["en"], "minutes": args.minutes, "fixed_steps": args.steps,
                "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores"}
