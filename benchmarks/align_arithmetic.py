@@ -5,9 +5,9 @@ Every stage is a `velocis` command (printed as it runs, so the README can show t
                              SFT conversations and plain-text worked examples of the training split
   2. tokenizer               a small byte-level BPE trained on the task's text (Python API: one call)
   3. velocis train-custom    pretrain a tiny model on the worked examples (plain text)
-  4. velocis sft             SFT on the chat conversations (loss on the answers only), a checkpoint
-                             every 10 steps; "the SFT model" below is the one at --sft-start-step
-                             (480 of 650: 40% greedy but 77% pass@8 on held-out, where RL has room)
+  4. velocis sft             a short SFT on the chat conversations (loss on the answers only): 10
+                             steps teach the answer format and about half the sums, leaving RL room
+                             (--sft-steps; --sft-start-step picks an earlier checkpoint instead)
   5. velocis eval-task       held-out accuracy after SFT (greedy, exact_numeric)
   6. velocis train-grpo      GRPO from the SFT model, rewarded by exact_numeric + format (DAPO loss,
                              no KL, groups with equal rewards resampled, 10 warmup steps)
@@ -77,10 +77,11 @@ def main() -> int:
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=650)
-    p.add_argument("--sft-start-step", type=int, default=480,
-                   help="SFT checkpoint (a multiple of 10) that GRPO and DPO start from, mid-way up SFT's learning "
-                        "curve where sampled pass@8 >> greedy accuracy; 0 = the final SFT model")
+    p.add_argument("--sft-steps", type=int, default=10,
+                   help="a short SFT (the answer format, about half the problems right) leaves RL room to teach")
+    p.add_argument("--sft-start-step", type=int, default=0,
+                   help="an SFT checkpoint (a multiple of 10) that GRPO and DPO start from instead of the final "
+                        "SFT model (0)")
     p.add_argument("--grpo-steps", type=int, default=100)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
     p.add_argument("--grpo-warmup", type=int, default=10, help="a fresh Adam at full lr wrecks the policy in 5 steps")
